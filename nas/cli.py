@@ -1,0 +1,47 @@
+"""`nas` command line: a table of subcommands, each in nas/commands/<name>.py.
+
+Every command module defines `add_arguments(parser)` and `run(args) -> int | None`. The CLI turns a
+NasError into one line on stderr and exit code 2; it holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nas.errors import EXIT_USER_ERROR, NasError
+
+# name -> (module, one-line help). One explicit table; unknown names are argparse errors.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("nas.commands.inspect", "parameters, MACs (attention included), latency of an arch or space"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nas", description="Architecture search for diffusion U-Nets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args._module.run(args)
+    except NasError as exc:
+        print(f"nas {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"nas {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
