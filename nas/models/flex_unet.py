@@ -1,0 +1,289 @@
+"""`FlexUNet2DConditionModel`: a diffusers-native text-conditioned U-Net whose blocks choose their
+ResNet and transformer counts independently (DeciDiffusion's U-Net-NAS), which the stock
+`UNet2DConditionModel` cannot express (it pairs one transformer with every ResNet).
+
+Built only from diffusers' own blocks (`ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`,
+`Upsample2D`, `Timesteps`, `TimestepEmbedding`), wired and initialised the way the stock class wires
+them, so a point the stock class can express gets the same parameter count either way. It saves and
+loads with `save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers
+pipelines accept it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+
+class FlexBlock(nn.Module):
+    """ResNets, each optionally followed by a transformer of its own depth; then a resampler.
+
+    `skip_channels` lists, per ResNet, the channels of the skip tensor concatenated to its input
+    (up path) or is None (down path and mid block).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        depths: list[int],
+        temb_channels: int,
+        heads: int,
+        cross_attention_dim: int,
+        groups: int,
+        eps: float,
+        use_linear_projection: bool,
+        skip_channels: list[int] | None = None,
+        resample: str | None = None,  # "down", "up" or None
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+        self.attention_after: list[int] = []  # index into self.attentions per ResNet, -1 for none
+        for i, depth in enumerate(depths):
+            res_in = in_channels if i == 0 else out_channels
+            if skip_channels is not None:
+                res_in += skip_channels[i]
+            self.resnets.append(
+                ResnetBlock2D(
+                    in_channels=res_in,
+                    out_channels=out_channels,
+                    temb_channels=temb_channels,
+                    eps=eps,
+                    groups=groups,
+                )
+            )
+            if depth:
+                self.attention_after.append(len(self.attentions))
+                self.attentions.append(
+                    Transformer2DModel(
+                        heads,
+                        out_channels // heads,
+                        in_channels=out_channels,
+                        num_layers=depth,
+                        cross_attention_dim=cross_attention_dim,
+                        norm_num_groups=groups,
+                        use_linear_projection=use_linear_projection,
+                    )
+                )
+            else:
+                self.attention_after.append(-1)
+        self.downsamplers = self.upsamplers = None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList(
+                [Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=1, name="op")]
+            )
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList(
+                [Upsample2D(out_channels, use_conv=True, out_channels=out_channels)]
+            )
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        skips: list[torch.Tensor] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns the output and, on the down path, every intermediate kept as a skip."""
+        outputs = []
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, temb)
+            else:
+                hidden_states = resnet(hidden_states, temb)
+            if self.attention_after[i] >= 0:
+                attn = self.attentions[self.attention_after[i]]
+                hidden_states = attn(
+                    hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    return_dict=False,
+                    **(attention_kwargs or {}),
+                )[0]
+            outputs.append(hidden_states)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+            outputs.append(hidden_states)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states, outputs
+
+
+class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):
+    """Text-conditioned U-Net with per-block ResNet and transformer counts chosen independently.
+
+    Per-level lists are ordered highest resolution first. `down_attention[i]` gives one transformer
+    depth per down ResNet of level i (0 = no transformer after it); `up_attention[i]` one per up
+    ResNet (level i has `down_resnets[i] + 1` up ResNets: one per skip at that resolution);
+    `mid_attention` one per mid ResNet, or None for no mid block.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 64,  # latent height/width
+        in_channels: int = 4,  # VAE latent channels
+        out_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280),
+        down_resnets: tuple[int, ...] = (2, 2, 1),
+        down_attention: tuple[tuple[int, ...], ...] = ((0, 0), (1, 0), (2, 1)),
+        up_attention: tuple[tuple[int, ...], ...] = ((0, 0, 0), (1, 1, 1), (2, 2, 2)),
+        mid_attention: tuple[int, ...] | None = (1, 1, 0, 0),
+        attention_heads: tuple[int, ...] = (8, 8, 8),  # heads per level (head size = channels // heads)
+        cross_attention_dim: int = 768,  # text encoder hidden size
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        use_linear_projection: bool = False,
+        flip_sin_to_cos: bool = True,  # SD's timestep embedding convention
+        freq_shift: int = 0,
+        time_cond_proj_dim: int | None = None,  # read by pipelines (LCM guidance embedding); unused here
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        for name, value in (
+            ("down_resnets", down_resnets),
+            ("down_attention", down_attention),
+            ("up_attention", up_attention),
+            ("attention_heads", attention_heads),
+        ):
+            if len(value) != levels:
+                raise ValueError(f"{name} needs one entry per level ({levels}), got {len(value)}")
+        for i in range(levels):
+            if len(down_attention[i]) != down_resnets[i] or len(up_attention[i]) != down_resnets[i] + 1:
+                raise ValueError(
+                    f"level {i}: need {down_resnets[i]} down and {down_resnets[i] + 1} up depths"
+                )
+
+        c0 = block_out_channels[0]
+        temb_channels = c0 * 4  # SD: time embedding width = 4 x first level channels
+        self.conv_in = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
+        self.time_proj = Timesteps(c0, flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(c0, temb_channels, act_fn="silu")
+        common = dict(
+            temb_channels=temb_channels,
+            cross_attention_dim=cross_attention_dim,
+            groups=norm_num_groups,
+            eps=norm_eps,
+            use_linear_projection=use_linear_projection,
+        )
+
+        skip_channels = [c0]  # conv_in output is the first skip
+        self.down_blocks = nn.ModuleList()
+        prev = c0
+        for i, out in enumerate(block_out_channels):
+            last = i == levels - 1
+            self.down_blocks.append(
+                FlexBlock(
+                    prev,
+                    out,
+                    list(down_attention[i]),
+                    heads=attention_heads[i],
+                    resample=None if last else "down",
+                    **common,
+                )
+            )
+            skip_channels += [out] * (down_resnets[i] + (0 if last else 1))
+            prev = out
+
+        self.mid_block = None
+        if mid_attention is not None:
+            self.mid_block = FlexBlock(prev, prev, list(mid_attention), heads=attention_heads[-1], **common)
+
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(levels)):
+            out = block_out_channels[i]
+            n = down_resnets[i] + 1
+            skips = [skip_channels.pop() for _ in range(n)]
+            self.up_blocks.append(
+                FlexBlock(
+                    prev,
+                    out,
+                    list(up_attention[i]),
+                    heads=attention_heads[i],
+                    skip_channels=skips,
+                    resample=None if i == 0 else "up",
+                    **common,
+                )
+            )
+            prev = out
+
+        self.conv_norm_out = nn.GroupNorm(num_channels=c0, num_groups=norm_num_groups, eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(c0, out_channels, kernel_size=3, padding=1)
+
+    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        if not torch.is_tensor(timestep):
+            dtype = torch.float32 if isinstance(timestep, float) else torch.int64
+            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+        elif timestep.ndim == 0:
+            timestep = timestep[None].to(sample.device)
+        timestep = timestep.expand(sample.shape[0])
+        return self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple:
+        """Same signature as `UNet2DConditionModel.forward`; class labels, extra embeddings and
+        T2I-adapter residuals are not supported (ControlNet residuals are)."""
+        if class_labels is not None or added_cond_kwargs or down_intrablock_additional_residuals is not None:
+            raise ValueError(
+                "FlexUNet2DConditionModel supports no class labels, added embeddings or adapters"
+            )
+        attention_kwargs: dict[str, Any] = {}
+        if cross_attention_kwargs:
+            attention_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        if attention_mask is not None:  # (1 keep, 0 drop) -> additive bias, as the stock class does
+            attention_kwargs["attention_mask"] = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(
+                1
+            )
+        if encoder_attention_mask is not None:
+            bias = (1 - encoder_attention_mask.to(sample.dtype)) * -10000.0
+            attention_kwargs["encoder_attention_mask"] = bias.unsqueeze(1)
+
+        emb = self._time_embedding(sample, timestep)
+        hidden = self.conv_in(sample)
+        skips = [hidden]
+        for block in self.down_blocks:
+            hidden, outputs = block(hidden, emb, encoder_hidden_states, attention_kwargs=attention_kwargs)
+            skips += outputs
+        if down_block_additional_residuals is not None:  # ControlNet
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if self.mid_block is not None:
+            hidden, _ = self.mid_block(hidden, emb, encoder_hidden_states, attention_kwargs=attention_kwargs)
+        if mid_block_additional_residual is not None:
+            hidden = hidden + mid_block_additional_residual
+        for block in self.up_blocks:
+            hidden, _ = block(
+                hidden, emb, encoder_hidden_states, skips=skips, attention_kwargs=attention_kwargs
+            )
+        out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out)

@@ -1,0 +1,163 @@
+"""Architecture -> diffusers model config -> model.
+
+Where attention layers sit: a block with R ResNets and A transformer layers gives ResNet i a
+transformer of depth d_i right after it, d = `spread(A, R)` (as even as possible, the remainder to
+the earliest ResNets). With every d_i >= 1 this is exactly how `UNet2DConditionModel` lays out a
+cross-attention block (one transformer per ResNet, `transformer_layers_per_block` deep). A block
+with 0 < A < R, a mid block other than (1 ResNet, no attention) or (2 ResNets, 1 transformer of the
+depth the last down block allows) cannot be expressed by the stock class; those points are built as
+`FlexUNet2DConditionModel`, our `ModelMixin` + `ConfigMixin` class made of the same diffusers blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nas.config import load, validate
+from nas.space.schema import Arch
+
+STOCK = "UNet2DConditionModel"
+FLEX = "FlexUNet2DConditionModel"
+
+
+def spread(total: int, slots: int) -> list[int]:
+    """Split `total` layers over `slots` positions as evenly as possible, earliest first."""
+    base, extra = divmod(total, slots)
+    return [base + (1 if i < extra else 0) for i in range(slots)]
+
+
+def load_arch(path) -> Arch:
+    """Read and validate an architecture YAML file (NasError on any problem)."""
+    return load(Arch, path)
+
+
+def arch_from_dict(data: dict, source: str = "<architecture>") -> Arch:
+    """Validate a plain dict as an architecture (NasError naming `source` and the field)."""
+    return validate(Arch, data, source)
+
+
+def _common(arch: Arch) -> dict[str, Any]:
+    s = arch.settings
+    return {
+        "sample_size": s.latent_size,
+        "in_channels": s.latent_channels,
+        "out_channels": s.latent_channels,
+        "block_out_channels": [lv.channels for lv in arch.levels],
+        "cross_attention_dim": s.cross_attention_dim,
+        "norm_num_groups": s.norm_num_groups,
+        "use_linear_projection": s.use_linear_projection,
+    }
+
+
+def stock_config(arch: Arch) -> dict[str, Any] | None:
+    """Config for diffusers' `UNet2DConditionModel`, or None if the stock class cannot express it."""
+    down: list[list[int] | None] = []
+    up: list[list[int] | None] = []
+    for lv in arch.levels:
+        d, u = spread(lv.attentions, lv.resnets), spread(lv.up_attentions, lv.resnets + 1)
+        if (lv.attentions and min(d) == 0) or (lv.up_attentions and min(u) == 0):
+            return None  # fewer transformer layers than ResNets: stock pairs one with each ResNet
+        down.append(d if lv.attentions else None)
+        up.append(u if lv.up_attentions else None)
+
+    mid_depth = 0
+    if arch.mid is None:
+        mid_type = None
+    elif (arch.mid.resnets, arch.mid.attentions) == (1, 0):
+        mid_type = "UNetMidBlock2D"
+    elif arch.mid.resnets == 2 and arch.mid.attentions >= 1:
+        mid_type, mid_depth = "UNetMidBlock2DCrossAttn", arch.mid.attentions
+    else:
+        return None
+    # The stock mid block is as deep as the first layer of the last down block.
+    if mid_depth and down[-1] is not None and down[-1][0] != mid_depth:
+        return None
+
+    # Depths of blocks without attention are unused by DownBlock2D/UpBlock2D; pick them so the
+    # config stays compact (and the last one feeds the mid block).
+    last = len(arch.levels) - 1
+    full_down, full_up = [], []
+    for i, lv in enumerate(arch.levels):
+        if down[i] is not None:
+            fill = down[i][0]
+        elif i == last and mid_depth:
+            fill = mid_depth
+        elif up[i] is not None:
+            fill = up[i][0]
+        else:
+            fill = 1
+        full_down.append(down[i] or [fill] * lv.resnets)
+        full_up.append(up[i] or [full_down[i][0]] * (lv.resnets + 1))
+    uniform = all(len(set(b)) == 1 for b in full_down + full_up) and all(
+        u[0] == d[0] for u, d in zip(full_up, full_down)
+    )
+
+    def compact(values: list[int]) -> int | list[int]:
+        return values[0] if len(set(values)) == 1 else values
+
+    config = _common(arch)
+    config.update(
+        {
+            "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down],
+            "up_block_types": ["CrossAttnUpBlock2D" if u else "UpBlock2D" for u in reversed(up)],
+            "mid_block_type": mid_type,
+            "layers_per_block": compact([lv.resnets for lv in arch.levels]),
+            # diffusers' `attention_head_dim` is in fact the number of heads (see REFERENCE.md).
+            "attention_head_dim": compact([lv.num_heads() for lv in arch.levels]),
+        }
+    )
+    if uniform:
+        config["transformer_layers_per_block"] = compact([d[0] for d in full_down])
+    else:
+        config["transformer_layers_per_block"] = full_down
+        config["reverse_transformer_layers_per_block"] = list(reversed(full_up))
+    return config
+
+
+def flex_config(arch: Arch) -> dict[str, Any]:
+    """Config for `nas.models.FlexUNet2DConditionModel` (expresses every point of every space)."""
+    config = _common(arch)
+    config.update(
+        {
+            "down_resnets": [lv.resnets for lv in arch.levels],
+            "down_attention": [spread(lv.attentions, lv.resnets) for lv in arch.levels],
+            "up_attention": [spread(lv.up_attentions, lv.resnets + 1) for lv in arch.levels],
+            "attention_heads": [lv.num_heads() for lv in arch.levels],
+            "mid_attention": (
+                spread(arch.mid.attentions, arch.mid.resnets) if arch.mid is not None else None
+            ),
+        }
+    )
+    return config
+
+
+def unet_config(arch: Arch, force_flex: bool = False) -> tuple[str, dict[str, Any]]:
+    """(class name, config dict): the stock class wherever it can express the point."""
+    if not force_flex:
+        config = stock_config(arch)
+        if config is not None:
+            return STOCK, config
+    return FLEX, flex_config(arch)
+
+
+def unet_class(class_name: str):
+    """The one name -> class table for U-Net classes this project builds or loads."""
+    from diffusers import UNet2DConditionModel
+
+    from nas.models import FlexUNet2DConditionModel
+
+    table = {STOCK: UNet2DConditionModel, FLEX: FlexUNet2DConditionModel}
+    return table[class_name]
+
+
+def build_unet(arch: Arch, force_flex: bool = False, device: str | torch.device | None = None):
+    """Instantiate the U-Net for `arch` (random init). `device="meta"` builds without memory."""
+    class_name, config = unet_config(arch, force_flex=force_flex)
+    cls = unet_class(class_name)
+    if device is not None and str(device) == "meta":
+        with torch.device("meta"):
+            return cls.from_config(config)
+    model = cls.from_config(config)
+    return model.to(device) if device is not None else model

@@ -1,0 +1,236 @@
+"""Points of a space: sample one (define-by-run), rebuild one from its parameters, count them.
+
+A chooser is anything with Optuna's two methods `suggest_int(name, low, high)` and
+`suggest_categorical(name, choices)`: an `optuna.Trial` works as is (this module never imports
+Optuna), `FixedChoices` replays a parameter dict, `RandomChoices` draws uniformly from a seed.
+Parameters exist only for levels that exist and for heads only where a level has attention.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from math import ceil, prod
+from pathlib import Path
+from typing import Any, Protocol
+
+from nas.config import load, validate
+from nas.errors import NasError
+from nas.space.schema import Arch, IntRange, LevelSpace, Space
+
+
+class Chooser(Protocol):
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+class FixedChoices:
+    """Replays given parameters; a missing or out-of-range one is an error naming it."""
+
+    def __init__(self, params: dict[str, Any], source: str = "<params>"):
+        self.params, self.source, self.used = dict(params), source, set()
+
+    def _get(self, name: str) -> Any:
+        if name not in self.params:
+            raise NasError(f"{self.source}: missing parameter {name}")
+        self.used.add(name)
+        return self.params[name]
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        value = self._get(name)
+        if not isinstance(value, int) or not low <= value <= high:
+            raise NasError(f"{self.source}: {name}={value!r} is outside the space (allowed: {low}..{high})")
+        return value
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        value = self._get(name)
+        if value not in choices:
+            raise NasError(f"{self.source}: {name}={value!r} is outside the space (allowed: {list(choices)})")
+        return value
+
+
+class RandomChoices:
+    """Uniform random choices from a seeded generator (tests, random search, smoke runs)."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return self.rng.choice(list(choices))
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search-space YAML file (NasError on any problem)."""
+    return load(Space, path)
+
+
+def mirrored_up_attentions(attentions: int, resnets: int) -> int:
+    """Up-path transformer layers when the up path mirrors the down path: the same number of
+    transformer layers per ResNet, the up path having one more ResNet (rounded up)."""
+    return ceil(attentions * (resnets + 1) / resnets)
+
+
+def _int(chooser: Chooser, name: str, r: IntRange) -> int:
+    return r.min if r.min == r.max else chooser.suggest_int(name, r.min, r.max)
+
+
+def _cat(chooser: Chooser, name: str, choices: list[Any]) -> Any:
+    return choices[0] if len(choices) == 1 else chooser.suggest_categorical(name, choices)
+
+
+def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch:
+    """Draw one architecture (define-by-run). Fixed values (single choice) are not suggested."""
+    depth = _int(chooser, "depth", space.depth)
+    levels = []
+    for i in range(depth):
+        ls: LevelSpace = space.levels[i]
+        level: dict[str, Any] = {
+            "channels": _cat(chooser, f"l{i}.channels", ls.channels),
+            "resnets": _int(chooser, f"l{i}.resnets", ls.resnets),
+            "attentions": _int(chooser, f"l{i}.attentions", ls.attentions),
+        }
+        if ls.up_attentions is not None:
+            level["up_attentions"] = _int(chooser, f"l{i}.up_attentions", ls.up_attentions)
+        else:
+            level["up_attentions"] = mirrored_up_attentions(level["attentions"], level["resnets"])
+        if level["attentions"] or level["up_attentions"]:
+            level[ls.head_key] = _cat(chooser, f"l{i}.{ls.head_key}", ls.head_choices)
+        levels.append(level)
+    mid = None
+    if space.mid is not None:
+        use_mid = True
+        if space.mid.optional:
+            use_mid = bool(_cat(chooser, "mid", [True, False]))
+        if use_mid:
+            mid = {
+                "resnets": _int(chooser, "mid.resnets", space.mid.resnets),
+                "attentions": _int(chooser, "mid.attentions", space.mid.attentions),
+            }
+    data = {
+        "name": name or f"{space.name}-{arch_digest(levels, mid)}",
+        "settings": space.settings.model_dump(),
+        "levels": levels,
+        "mid": mid,
+    }
+    return validate(Arch, data, f"space {space.name}: sampled architecture")
+
+
+def arch_digest(levels: list[dict], mid: dict | None) -> str:
+    """Short readable id: channels/resnets/attn per level, e.g. 32r1a0-64r2a1_m1a1."""
+    parts = [f"{lv['channels']}r{lv['resnets']}a{lv['attentions']}u{lv['up_attentions']}" for lv in levels]
+    tail = f"m{mid['resnets']}a{mid['attentions']}" if mid else "nomid"
+    return "-".join(parts) + "_" + tail
+
+
+def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> dict[str, Any]:
+    """The parameters under which `sample_arch` yields `arch` (to enqueue a known architecture).
+    NasError if the architecture is not a point of the space."""
+    params: dict[str, Any] = {}
+    if arch.settings != space.settings:
+        raise NasError(f"{source}: settings differ from space {space.name}'s settings")
+    depth = len(arch.levels)
+    if not space.depth.min <= depth <= space.depth.max:
+        raise NasError(
+            f"{source}: {depth} levels is outside the space (allowed: {space.depth.min}..{space.depth.max})"
+        )
+    if space.depth.min != space.depth.max:
+        params["depth"] = depth
+    for i, (lv, ls) in enumerate(zip(arch.levels, space.levels)):
+        params[f"l{i}.channels"] = lv.channels
+        params[f"l{i}.resnets"] = lv.resnets
+        params[f"l{i}.attentions"] = lv.attentions
+        if ls.up_attentions is not None:
+            params[f"l{i}.up_attentions"] = lv.up_attentions
+        elif lv.up_attentions != mirrored_up_attentions(lv.attentions, lv.resnets):
+            raise NasError(
+                f"{source}: levels.{i}.up_attentions must mirror the down path in space {space.name}"
+            )
+        if lv.attentions or lv.up_attentions:
+            value = getattr(lv, ls.head_key)
+            if value is None:
+                raise NasError(f"{source}: levels.{i} must give {ls.head_key} for space {space.name}")
+            params[f"l{i}.{ls.head_key}"] = value
+    if space.mid is None:
+        if arch.mid is not None:
+            raise NasError(f"{source}: space {space.name} has no mid block")
+    else:
+        if space.mid.optional:
+            params["mid"] = arch.mid is not None
+        elif arch.mid is None:
+            raise NasError(f"{source}: space {space.name} requires a mid block")
+        if arch.mid is not None:
+            params["mid.resnets"] = arch.mid.resnets
+            params["mid.attentions"] = arch.mid.attentions
+    chooser = FixedChoices(params, source)
+    rebuilt = sample_arch(space, chooser, name=arch.name)
+    if rebuilt.model_dump(exclude={"name"}) != arch.model_dump(exclude={"name"}):
+        raise NasError(f"{source}: not a point of space {space.name}")
+    return {k: v for k, v in params.items() if k in chooser.used}
+
+
+def _level_count(ls: LevelSpace) -> int:
+    """Distinct architectures of one level (head choice matters only where there is attention)."""
+    ups = ls.up_attentions.values() if ls.up_attentions is not None else None
+    total = 0
+    for _channels in ls.channels:
+        for r in ls.resnets.values():
+            for a in ls.attentions.values():
+                for u in ups if ups is not None else [mirrored_up_attentions(a, r)]:
+                    total += len(ls.head_choices) if (a or u) else 1
+    return total
+
+
+def space_size(space: Space) -> int:
+    """Number of distinct architectures in the space."""
+    mid = 1
+    if space.mid is not None:
+        mid = len(space.mid.resnets.values()) * len(space.mid.attentions.values()) + int(space.mid.optional)
+    per_level = [_level_count(ls) for ls in space.levels]
+    return sum(prod(per_level[:d]) * mid for d in space.depth.values())
+
+
+def extreme_archs(space: Space) -> list[tuple[int, Arch, Arch]]:
+    """(depth, smallest, largest) per depth: every cost grows with each choice, so the smallest
+    point of a depth takes every minimum and the largest every maximum."""
+    out = []
+    for depth in space.depth.values():
+        lo = {"depth": depth, "mid": False}
+        hi = {"depth": depth, "mid": True}
+        for i in range(depth):
+            ls = space.levels[i]
+            lo.update(
+                {
+                    f"l{i}.channels": min(ls.channels),
+                    f"l{i}.resnets": ls.resnets.min,
+                    f"l{i}.attentions": ls.attentions.min,
+                }
+            )
+            hi.update(
+                {
+                    f"l{i}.channels": max(ls.channels),
+                    f"l{i}.resnets": ls.resnets.max,
+                    f"l{i}.attentions": ls.attentions.max,
+                }
+            )
+            if ls.up_attentions is not None:
+                lo[f"l{i}.up_attentions"] = ls.up_attentions.min
+                hi[f"l{i}.up_attentions"] = ls.up_attentions.max
+            # Head count does not change params or MACs (heads x head size = channels).
+            lo[f"l{i}.{ls.head_key}"] = ls.head_choices[0]
+            hi[f"l{i}.{ls.head_key}"] = ls.head_choices[0]
+        if space.mid is not None:
+            lo.update({"mid.resnets": space.mid.resnets.min, "mid.attentions": space.mid.attentions.min})
+            hi.update({"mid.resnets": space.mid.resnets.max, "mid.attentions": space.mid.attentions.max})
+            lo["mid"] = not space.mid.optional
+        smallest = sample_arch(space, _Lenient(lo), name=f"{space.name}-smallest-d{depth}")
+        largest = sample_arch(space, _Lenient(hi), name=f"{space.name}-largest-d{depth}")
+        out.append((depth, smallest, largest))
+    return out
+
+
+class _Lenient(FixedChoices):
+    """FixedChoices that ignores parameters the define-by-run path never asks for."""

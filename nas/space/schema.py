@@ -1,0 +1,240 @@
+"""Schemas of the two YAML formats: a search space (choices) and an architecture (one point).
+
+Levels are listed highest resolution first. Level i works at latent_size / 2**i. On the down path a
+level has `resnets` ResNet layers and `attentions` transformer layers; on the up path it has
+`resnets + 1` ResNet layers (one per skip connection at that resolution, as in every SD U-Net) and
+`up_attentions` transformer layers. ResNet and attention counts are independent (DeciDiffusion's
+U-Net-NAS); see nas/space/build.py for where attention layers sit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from nas.config import Strict
+
+METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and budgets may name
+
+
+class Settings(Strict):
+    """Fixed for every point of a space; must match the VAE and text encoder the U-Net is used with."""
+
+    latent_channels: int = Field(4, ge=1)  # VAE latent channels (SD: 4)
+    latent_size: int = Field(64, ge=1)  # latent height = width (SD 1.5: 512 px / 8 = 64)
+    cross_attention_dim: int = Field(768, ge=1)  # text encoder hidden size (CLIP ViT-L/14: 768)
+    text_len: int = Field(77, ge=1)  # tokens per caption (CLIP: 77)
+    norm_num_groups: int = Field(32, ge=1)  # GroupNorm groups (SD: 32); divides every channel count
+    use_linear_projection: bool = False  # transformer proj_in/out as Linear (SD 2.x) or 1x1 conv (SD 1.x)
+
+
+class IntRange(Strict):
+    """An inclusive integer range, written {min: A, max: B}."""
+
+    min: int = Field(ge=0)
+    max: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    def values(self) -> list[int]:
+        return list(range(self.min, self.max + 1))
+
+
+def _positive_unique(values: list[int], what: str) -> list[int]:
+    if not values:
+        raise ValueError(f"{what}: give at least one choice")
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{what}: every choice must be a positive integer, got {values}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what}: choices repeat, got {values}")
+    return values
+
+
+class LevelSpace(Strict):
+    """The choices for one resolution level."""
+
+    channels: list[int]  # choices of output channels
+    resnets: IntRange  # ResNet layers on the down path (up path: one more)
+    attentions: IntRange  # transformer layers on the down path; 0 = none
+    up_attentions: IntRange | None = None  # searched separately if given; else mirrors the down path
+    heads: list[int] | None = None  # choices of attention head count ...
+    head_dim: list[int] | None = None  # ... or of head size (channels per head); give exactly one
+
+    @field_validator("channels", "heads", "head_dim")
+    @classmethod
+    def _choices(cls, v: list[int] | None, info) -> list[int] | None:
+        return None if v is None else _positive_unique(v, info.field_name)
+
+    @field_validator("resnets")
+    @classmethod
+    def _at_least_one_resnet(cls, v: IntRange) -> IntRange:
+        if v.min < 1:
+            raise ValueError("resnets.min must be >= 1 (a level needs a ResNet layer)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_head_spec(self) -> LevelSpace:
+        if (self.heads is None) == (self.head_dim is None):
+            raise ValueError("give exactly one of heads (count) or head_dim (size)")
+        return self
+
+    @property
+    def head_choices(self) -> list[int]:
+        return self.heads if self.heads is not None else self.head_dim  # type: ignore[return-value]
+
+    @property
+    def head_key(self) -> str:
+        return "heads" if self.heads is not None else "head_dim"
+
+
+class MidSpace(Strict):
+    """The bottleneck block at the lowest resolution."""
+
+    resnets: IntRange = IntRange(min=2, max=2)  # SD 1.5: 2 ResNets around one transformer
+    attentions: IntRange = IntRange(min=1, max=1)
+    optional: bool = False  # may the search drop the mid block altogether?
+
+    @field_validator("resnets")
+    @classmethod
+    def _at_least_one_resnet(cls, v: IntRange) -> IntRange:
+        if v.min < 1:
+            raise ValueError("resnets.min must be >= 1 (use optional: true to allow no mid block)")
+        return v
+
+
+class Objective(Strict):
+    metric: Literal["proxy_loss", "latency_ms", "params", "macs"]
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class Budgets(Strict):
+    """Upper bounds; a point over any of them is rejected before training."""
+
+    latency_ms: float | None = Field(None, gt=0)  # median forward latency, measured (see `latency:`)
+    params: float | None = Field(None, gt=0)  # parameter count
+    macs: float | None = Field(None, gt=0)  # multiply-accumulates per forward, attention included
+
+
+class LatencySetup(Strict):
+    """How the search measures latency (batch 1 at the space's latent size unless set)."""
+
+    device: str = "cpu"  # torch device string: cpu, cuda, cuda:1, mps
+    batch: int = Field(1, ge=1)  # latents per forward (classifier-free guidance doubles it in practice)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    warmup: int = Field(3, ge=0)  # untimed forwards first (allocator, caches, compile)
+    iters: int = Field(10, ge=1)  # timed forwards; median and p90 reported
+
+
+class Space(Strict):
+    """A search space file."""
+
+    name: str
+    description: str = ""
+    settings: Settings = Settings()
+    depth: IntRange  # number of resolution levels
+    levels: list[LevelSpace]  # one entry per level up to depth.max, highest resolution first
+    mid: MidSpace | None = MidSpace()  # null: no mid block in any point
+    objectives: list[Objective] = [Objective(metric="proxy_loss"), Objective(metric="latency_ms")]
+    budgets: Budgets = Budgets()
+    latency: LatencySetup = LatencySetup()
+    baselines: list[str] = []  # architecture files (relative to this file) enqueued first in a study
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Space:
+        if self.depth.min < 1:
+            raise ValueError("depth.min must be >= 1")
+        if len(self.levels) != self.depth.max:
+            raise ValueError(
+                f"levels: give one entry per level up to depth.max={self.depth.max}, got {len(self.levels)}"
+            )
+        s = self.settings
+        factor = 2 ** (self.depth.max - 1)
+        if s.latent_size % factor:
+            raise ValueError(
+                f"settings.latent_size={s.latent_size} must be divisible by 2**(depth.max-1)={factor}"
+            )
+        for i, level in enumerate(self.levels):
+            for c in level.channels:
+                if c % s.norm_num_groups:
+                    raise ValueError(
+                        f"levels.{i}.channels: {c} is not divisible by settings.norm_num_groups={s.norm_num_groups}"
+                    )
+                for h in level.head_choices:
+                    if c % h:
+                        raise ValueError(
+                            f"levels.{i}.{level.head_key}: {h} does not divide channels choice {c}"
+                            " (every head choice must divide every channel choice of its level)"
+                        )
+        metrics = [o.metric for o in self.objectives]
+        if not metrics or len(set(metrics)) != len(metrics):
+            raise ValueError(
+                f"objectives: give at least one metric, each once (allowed: {', '.join(METRICS)})"
+            )
+        return self
+
+
+class ArchLevel(Strict):
+    """One level of a concrete architecture."""
+
+    channels: int = Field(ge=1)
+    resnets: int = Field(ge=1)  # down path; the up path has resnets + 1
+    attentions: int = Field(0, ge=0)  # transformer layers on the down path
+    up_attentions: int = Field(0, ge=0)  # transformer layers on the up path
+    heads: int | None = Field(None, ge=1)  # attention head count ...
+    head_dim: int | None = Field(None, ge=1)  # ... or head size; exactly one if the level has attention
+
+    @model_validator(mode="after")
+    def _heads(self) -> ArchLevel:
+        if self.heads is not None and self.head_dim is not None:
+            raise ValueError("give at most one of heads or head_dim")
+        if (self.attentions or self.up_attentions) and self.heads is None and self.head_dim is None:
+            raise ValueError("a level with attention needs heads or head_dim")
+        return self
+
+    def num_heads(self) -> int:
+        """Head count (head_dim converted); 1 for a level without attention."""
+        if self.heads is not None:
+            return self.heads
+        if self.head_dim is not None:
+            return self.channels // self.head_dim
+        return 1
+
+
+class ArchMid(Strict):
+    resnets: int = Field(2, ge=1)
+    attentions: int = Field(1, ge=0)
+
+
+class Arch(Strict):
+    """An architecture file: one U-Net."""
+
+    name: str = "unnamed"
+    settings: Settings = Settings()
+    levels: list[ArchLevel] = Field(min_length=1)  # highest resolution first
+    mid: ArchMid | None = ArchMid()  # null: no mid block
+
+    @model_validator(mode="after")
+    def _buildable(self) -> Arch:
+        s = self.settings
+        factor = 2 ** (len(self.levels) - 1)
+        if s.latent_size % factor:
+            raise ValueError(
+                f"settings.latent_size={s.latent_size} must be divisible by 2**(levels-1)={factor}"
+                f" for {len(self.levels)} levels"
+            )
+        for i, level in enumerate(self.levels):
+            if level.channels % s.norm_num_groups:
+                raise ValueError(
+                    f"levels.{i}.channels={level.channels} must be divisible by"
+                    f" settings.norm_num_groups={s.norm_num_groups}"
+                )
+            for key in ("heads", "head_dim"):
+                value = getattr(level, key)
+                if value is not None and level.channels % value:
+                    raise ValueError(f"levels.{i}.{key}={value} must divide channels={level.channels}")
+        return self
