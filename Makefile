@@ -16,8 +16,9 @@ $(BIN)/nas: pyproject.toml
 
 setup: $(BIN)/nas
 
+# Until `nas run` lands: report every bundled space and architecture (params, MACs with attention).
 demo: setup
-	$(BIN)/nas run experiments/quickstart.yaml
+	@for f in search_spaces/*.yaml search_spaces/archs/*.yaml; do $(BIN)/nas inspect $$f || exit 1; echo; done
 
 lint: setup
 	$(BIN)/ruff check nas tests experiments

@@ -52,6 +52,7 @@ ATTENTION_OPS = {
     "aten._scaled_dot_product_cudnn_attention",
 }
 
+
 def example_inputs(arch: Arch, batch: int = 1, tokens: int | None = None, device="cpu", dtype=torch.float32):
     """(sample, timestep, encoder_hidden_states) shaped for `arch`."""
     s = arch.settings
@@ -129,7 +130,9 @@ def measure_latency(
 ) -> Latency:
     """Forward latency in inference mode: warm-up, then `iters` timed forwards; CUDA events on GPU."""
     dev = torch.device(device)
-    model = model.to(dev, DTYPES[dtype]).eval()
+    model = model.to(dev).eval()
+    if dtype != "fp32":
+        model = model.to(DTYPES[dtype])
     inputs = example_inputs(arch, batch, tokens, device=dev, dtype=DTYPES[dtype])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

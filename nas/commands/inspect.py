@@ -136,9 +136,9 @@ def run(args) -> int:
             f"  {'depth':>5}  {'smallest params':>15}  {'smallest MACs':>13}  {'largest params':>14}  {'largest MACs':>12}"
         )
         for r in report["per_depth"]:
-            s, l = r["smallest"], r["largest"]
+            s, big = r["smallest"], r["largest"]
             print(
-                f"  {r['depth']:>5}  {_fmt(s['params']):>15}  {_fmt(s['macs']):>13}  {_fmt(l['params']):>14}  {_fmt(l['macs']):>12}"
+                f"  {r['depth']:>5}  {_fmt(s['params']):>15}  {_fmt(s['macs']):>13}  {_fmt(big['params']):>14}  {_fmt(big['macs']):>12}"
             )
         return 0
     r = report

@@ -105,7 +105,7 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
             "mid_block_type": mid_type,
             "layers_per_block": compact([lv.resnets for lv in arch.levels]),
             # diffusers' `attention_head_dim` is in fact the number of heads (see REFERENCE.md).
-            "attention_head_dim": compact([lv.num_heads() for lv in arch.levels]),
+            "attention_head_dim": compact(_heads_per_level(arch)),
         }
     )
     if uniform:
@@ -116,6 +116,19 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
     return config
 
 
+def _heads_per_level(arch: Arch) -> list[int]:
+    """Head count per level; levels without attention borrow a neighbour's (unused, keeps configs
+    compact: SD 1.5's is `attention_head_dim: 8`). The mid block uses the lowest level's heads."""
+    mid_attention = arch.mid is not None and arch.mid.attentions > 0
+    last = len(arch.levels) - 1
+    heads = [
+        lv.num_heads() if (lv.attentions or lv.up_attentions or (i == last and mid_attention)) else None
+        for i, lv in enumerate(arch.levels)
+    ]
+    known = [h for h in heads if h is not None] or [1]
+    return [h if h is not None else known[0] for h in heads]
+
+
 def flex_config(arch: Arch) -> dict[str, Any]:
     """Config for `nas.models.FlexUNet2DConditionModel` (expresses every point of every space)."""
     config = _common(arch)
@@ -124,7 +137,7 @@ def flex_config(arch: Arch) -> dict[str, Any]:
             "down_resnets": [lv.resnets for lv in arch.levels],
             "down_attention": [spread(lv.attentions, lv.resnets) for lv in arch.levels],
             "up_attention": [spread(lv.up_attentions, lv.resnets + 1) for lv in arch.levels],
-            "attention_heads": [lv.num_heads() for lv in arch.levels],
+            "attention_heads": _heads_per_level(arch),
             "mid_attention": (
                 spread(arch.mid.attentions, arch.mid.resnets) if arch.mid is not None else None
             ),

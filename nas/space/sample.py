@@ -97,8 +97,6 @@ def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch
             level["up_attentions"] = _int(chooser, f"l{i}.up_attentions", ls.up_attentions)
         else:
             level["up_attentions"] = mirrored_up_attentions(level["attentions"], level["resnets"])
-        if level["attentions"] or level["up_attentions"]:
-            level[ls.head_key] = _cat(chooser, f"l{i}.{ls.head_key}", ls.head_choices)
         levels.append(level)
     mid = None
     if space.mid is not None:
@@ -110,6 +108,11 @@ def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch
                 "resnets": _int(chooser, "mid.resnets", space.mid.resnets),
                 "attentions": _int(chooser, "mid.attentions", space.mid.attentions),
             }
+    # Heads last: a level needs them if it has attention, the lowest one also for the mid block's.
+    for i, level in enumerate(levels):
+        ls = space.levels[i]
+        if needs_heads(level, mid if i == depth - 1 else None):
+            level[ls.head_key] = _cat(chooser, f"l{i}.{ls.head_key}", ls.head_choices)
     data = {
         "name": name or f"{space.name}-{arch_digest(levels, mid)}",
         "settings": space.settings.model_dump(),
@@ -117,6 +120,12 @@ def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch
         "mid": mid,
     }
     return validate(Arch, data, f"space {space.name}: sampled architecture")
+
+
+def needs_heads(level: dict[str, Any], mid: dict[str, Any] | None) -> bool:
+    """Whether a level's head choice shapes the model: its own attention, or (lowest level) the
+    mid block's, which uses the lowest level's heads as in `UNet2DConditionModel`."""
+    return bool(level["attentions"] or level["up_attentions"] or (mid and mid["attentions"]))
 
 
 def arch_digest(levels: list[dict], mid: dict | None) -> str:
@@ -149,7 +158,8 @@ def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> 
             raise NasError(
                 f"{source}: levels.{i}.up_attentions must mirror the down path in space {space.name}"
             )
-        if lv.attentions or lv.up_attentions:
+        lowest_mid = arch.mid.model_dump() if arch.mid is not None and i == depth - 1 else None
+        if needs_heads(lv.model_dump(), lowest_mid):
             value = getattr(lv, ls.head_key)
             if value is None:
                 raise NasError(f"{source}: levels.{i} must give {ls.head_key} for space {space.name}")
@@ -167,9 +177,20 @@ def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> 
             params["mid.attentions"] = arch.mid.attentions
     chooser = FixedChoices(params, source)
     rebuilt = sample_arch(space, chooser, name=arch.name)
-    if rebuilt.model_dump(exclude={"name"}) != arch.model_dump(exclude={"name"}):
+    if canonical(rebuilt) != canonical(arch):
         raise NasError(f"{source}: not a point of space {space.name}")
     return {k: v for k, v in params.items() if k in chooser.used}
+
+
+def canonical(arch: Arch) -> dict[str, Any]:
+    """The architecture as data without its name, and without head choices of levels that have
+    no attention (they change nothing in the model)."""
+    data = arch.model_dump(exclude={"name"})
+    last = len(data["levels"]) - 1
+    for i, level in enumerate(data["levels"]):
+        if not needs_heads(level, data["mid"] if i == last else None):
+            level["heads"] = level["head_dim"] = None
+    return data
 
 
 def _level_count(ls: LevelSpace) -> int:

@@ -233,6 +233,15 @@ class Arch(Strict):
                     f"levels.{i}.channels={level.channels} must be divisible by"
                     f" settings.norm_num_groups={s.norm_num_groups}"
                 )
+            is_last = i == len(self.levels) - 1
+            if (
+                is_last
+                and self.mid is not None
+                and self.mid.attentions
+                and level.num_heads() == 1
+                and (level.heads is None and level.head_dim is None)
+            ):
+                raise ValueError(f"levels.{i} needs heads or head_dim: the mid block's attention uses them")
             for key in ("heads", "head_dim"):
                 value = getattr(level, key)
                 if value is not None and level.channels % value:
