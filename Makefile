@@ -16,9 +16,10 @@ $(BIN)/nas: pyproject.toml
 
 setup: $(BIN)/nas
 
-# Until `nas run` lands: report every bundled space and architecture (params, MACs with attention).
+# The whole flow on the embedded `shapes` data (results/quickstart/); a rerun skips finished stages.
 demo: setup
-	@for f in search_spaces/*.yaml search_spaces/archs/*.yaml; do $(BIN)/nas inspect $$f || exit 1; echo; done
+	$(BIN)/nas inspect search_spaces/archs/sd15.yaml
+	$(BIN)/nas run experiments/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check nas tests experiments

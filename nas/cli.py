@@ -15,6 +15,18 @@ from nas.errors import EXIT_USER_ERROR, NasError
 # name -> (module, one-line help). One explicit table; unknown names are argparse errors.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("nas.commands.inspect", "parameters, MACs (attention included), latency of an arch or space"),
+    "search": ("nas.commands.search", "search a space with Optuna or Ray Tune (proxy training + latency)"),
+    "export": ("nas.commands.export", "export an architecture from a study (YAML, diffusers config, card)"),
+    "report": ("nas.commands.report", "plots and a summary table of a study"),
+    "run": ("nas.commands.run", "run an experiment end to end (stages cached and resumable)"),
+    "train": ("nas.commands.train", "train a U-Net on a latent cache (recipe presets, EMA, resume)"),
+    "data": ("nas.commands.data", "write the embedded shapes dataset; train its evaluator"),
+    "vae": ("nas.commands.vae", "train a small AutoencoderKL for low-resolution data"),
+    "precompute": ("nas.commands.precompute", "encode a dataset once into a resumable latent cache"),
+    "sample": ("nas.commands.sample", "draw images from a trained run (PNG, JSON sidecars, grid)"),
+    "export-pipeline": ("nas.commands.export_pipeline", "write a run as a diffusers StableDiffusionPipeline folder"),
+    "eval": ("nas.commands.eval", "image quality against denoising steps (alignment, Frechet distance)"),
+    "compare": ("nas.commands.compare", "blind side-by-side survey page of two runs; tally its votes"),
 }
 
 

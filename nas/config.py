@@ -102,7 +102,9 @@ def load(model: type[M], path: str | Path) -> M:
 
 def dump_yaml(data: BaseModel | dict, path: str | Path | None = None) -> str:
     """YAML text of a schema instance (or dict), keys in declaration order; written if `path`."""
-    if isinstance(data, BaseModel):
+    if hasattr(data, "to_data"):  # schemas whose None values carry meaning (Arch.mid)
+        data = data.to_data()
+    elif isinstance(data, BaseModel):
         data = data.model_dump(mode="json", exclude_none=True)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
     if path is not None:

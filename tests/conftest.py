@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.train",
     "tests.fixtures.search",
+    "tests.fixtures.sample",
 ]

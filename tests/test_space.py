@@ -224,3 +224,17 @@ def test_bad_space_files(write_yaml, case, overrides, needles):
     assert "\n" not in message and str(path) in message
     for needle in needles:
         assert needle in message, message
+
+
+@pytest.mark.parametrize("mid", [None, {"resnets": 3, "attentions": 0}])
+def test_arch_and_space_round_trip_through_yaml_with_or_without_mid(write_yaml, tiny_space, mid):
+    """`mid: null` means "no mid block"; a dump must not drop it (a missing key means the default)."""
+    from nas.config import dump_yaml
+    from nas.space import arch_from_dict
+    from nas.space.schema import ArchMid, MidSpace
+
+    arch = load_arch(ARCHS / "tiny_flex.yaml").model_copy(update={"mid": ArchMid(**mid) if mid else None})
+    assert load_arch(write_yaml(dump_yaml(arch), "a.yaml")) == arch
+    assert arch_from_dict(arch.to_data()) == arch
+    space = tiny_space.model_copy(update={"mid": MidSpace() if mid else None})
+    assert load_space(write_yaml(dump_yaml(space), "s.yaml")) == space

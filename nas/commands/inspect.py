@@ -87,12 +87,12 @@ def inspect_space(args, path: Path) -> dict:
                 "smallest": {
                     "params": lo["params"],
                     "macs": lo["macs"],
-                    "arch": small.model_dump(exclude_none=True),
+                    "arch": small.to_data(),
                 },
                 "largest": {
                     "params": hi["params"],
                     "macs": hi["macs"],
-                    "arch": large.model_dump(exclude_none=True),
+                    "arch": large.to_data(),
                 },
             }
         )

@@ -9,7 +9,7 @@ U-Net-NAS); see nas/space/build.py for where attention layers sit.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -130,6 +130,32 @@ class LatencySetup(Strict):
     iters: int = Field(10, ge=1)  # timed forwards; median and p90 reported
 
 
+class ZeroCost(Strict):
+    """Cheap pre-filter before proxy training: score the untrained network on one batch and skip
+    training for a point scoring below a quantile of the scores seen so far. Literature caveat
+    (Abdelfattah et al. 2021; ZiCo 2023): #params / MACs is the baseline such a proxy must beat;
+    `nas`'s proxy-fidelity experiment measures both on your space."""
+
+    proxy: Literal["grad_norm", "snip", "synflow"] = "grad_norm"
+    prune_below_quantile: float = Field(0.0, ge=0, lt=1)  # 0: record the score only, never prune
+    warmup_trials: int = Field(5, ge=1)  # scores needed before pruning starts
+    batch_size: int = Field(8, ge=1)  # cache items scored
+
+
+class ProxySetup(Strict):
+    """Short training that scores a candidate (the search's fidelity knob: see proxy fidelity)."""
+
+    steps: int = Field(200, ge=1)  # optimizer steps per trial
+    report_every: int = Field(50, ge=1)  # steps between validation losses (pruning points)
+    recipe: str = "decidiffusion"  # training preset name or a train config YAML (nas train)
+    overrides: dict[str, Any] = {}  # train config keys to change, e.g. {batch_size: 16, lr: 1.0e-3}
+    seed: int = 0  # same seed for every trial: candidates differ only by architecture
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = (
+        "hyperband"  # single objective only
+    )
+    zero_cost: ZeroCost | None = None  # null: no pre-filter
+
+
 class Space(Strict):
     """A search space file."""
 
@@ -143,6 +169,14 @@ class Space(Strict):
     budgets: Budgets = Budgets()
     latency: LatencySetup = LatencySetup()
     baselines: list[str] = []  # architecture files (relative to this file) enqueued first in a study
+    proxy: ProxySetup = ProxySetup()
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data for YAML/JSON; `mid: null` kept (it means no mid block in any point)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if self.mid is None:
+            data["mid"] = None
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Space:
@@ -216,7 +250,16 @@ class Arch(Strict):
     name: str = "unnamed"
     settings: Settings = Settings()
     levels: list[ArchLevel] = Field(min_length=1)  # highest resolution first
-    mid: ArchMid | None = ArchMid()  # null: no mid block
+    mid: ArchMid | None = ArchMid()  # null: no mid block (a missing key means the SD-style default)
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data for YAML/JSON: unset head fields dropped, `mid: null` kept (it means no mid)."""
+        data = self.model_dump(mode="json")
+        for level in data["levels"]:
+            for key in ("heads", "head_dim"):
+                if level[key] is None:
+                    del level[key]
+        return data
 
     @model_validator(mode="after")
     def _buildable(self) -> Arch:

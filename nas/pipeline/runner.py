@@ -1,0 +1,172 @@
+"""Run the planned stages: skip what is finished with the same inputs, resume what was
+interrupted, redo what changed; write stage.json, the resolved config, and the summary."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from nas.config import dump_yaml, load
+from nas.errors import NasError
+from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, parse, plan
+
+# Small results copied to results/<experiment>/ (committed); stage folders hold the rest.
+KEEP = {
+    "pareto.png": ("report", "pareto.png"),
+    "summary.md": ("report", "summary.md"),
+    "arch.yaml": ("export", "arch.yaml"),
+    "card.md": ("export", "card.md"),
+    "grid.png": ("sample", "images/grid.png"),
+    "quality_vs_steps.png": ("evaluate", "eval/quality_vs_steps.png"),
+    "eval.json": ("evaluate", "eval/eval.json"),
+}
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = folder / "stage.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def status(stage: Stage, folder: Path) -> str:
+    """done (same inputs, finished) | resume (same inputs, interrupted) | stale (inputs changed) | new."""
+    state = read_state(folder)
+    if not state:
+        return "new"
+    if state.get("fingerprint") != stage.fingerprint:
+        return "stale"
+    return "done" if state.get("done") else "resume"
+
+
+def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previous: float = 0.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "stage": stage.name,
+        "fingerprint": stage.fingerprint,
+        "done": done,
+        "seconds": round(previous + seconds, 2),  # all attempts at this fingerprint
+        "commands": [shlex.join(["nas", *argv]) for argv in stage.commands],
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = folder / "stage.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(folder / "stage.json")
+
+
+def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool) -> None:
+    for argv in stage.commands:
+        argv = list(argv)
+        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / "checkpoints").is_dir():
+            argv.append("--resume")
+        args = parse(argv, f"{exp_path}: {stage.name}")
+        code = args._module.run(args)
+        if code:
+            raise NasError(f"{exp_path}: stage {stage.name}: `nas {' '.join(argv)}` exited with {code}")
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    return load(Experiment, path)
+
+
+def run_experiment(
+    path: str | Path, results: str | Path = "results", start: str | None = None, dry_run: bool = False
+) -> dict:
+    """Run (or resume) an experiment file; returns the summary."""
+    exp_path = Path(path)
+    exp = load_experiment(exp_path)
+    if start is not None and start not in STAGES:
+        raise NasError(f"--from {start}: unknown stage (allowed: {', '.join(STAGES)})")
+    results = Path(results)
+    stages = plan(exp, exp_path, results)
+    fingerprint(stages, exp)
+    root = results / exp.name
+    redo_from = STAGES.index(start) if start else len(STAGES)
+    statuses = {}
+    for stage in stages:  # a changed stage invalidates every later stage that depends on it
+        st = status(stage, root / stage.name)
+        if STAGES.index(stage.name) >= redo_from:
+            st = "redo"
+        statuses[stage.name] = st
+    if dry_run:
+        for stage in stages:
+            print(f"{stage.name:10s} {statuses[stage.name]:7s} {stage.fingerprint}  {root / stage.name}")
+            for argv in stage.commands:
+                print(f"{'':10s} {shlex.join(['nas', *argv])}")
+        return {}
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    for i, stage in enumerate(stages, 1):
+        folder = root / stage.name
+        st = statuses[stage.name]
+        prefix = f"[{i}/{len(stages)}] {stage.name}"
+        if st == "done":
+            timings[stage.name] = read_state(folder).get("seconds", 0.0)
+            print(
+                f"{prefix}: done, inputs unchanged ({timings[stage.name]:.1f} s before); skipped", flush=True
+            )
+            continue
+        resume = st == "resume" and stage.name in RESUMABLE
+        if not resume and folder.exists():
+            shutil.rmtree(folder)  # inputs changed, --from, or a stage that cannot resume
+        print(f"{prefix}: {'resuming' if resume else 'running'}", flush=True)
+        previous = read_state(folder).get("seconds", 0.0) if resume else 0.0
+        folder.mkdir(parents=True, exist_ok=True)
+        dump_yaml(
+            getattr(exp, stage.name) if hasattr(exp, stage.name) else {"stage": stage.name},
+            folder / "config.yaml",
+        )
+        _write_state(folder, stage, False, 0.0, previous)
+        t0 = time.perf_counter()
+        try:
+            _execute(stage, folder, exp_path, resume)
+        except BaseException:
+            _write_state(folder, stage, False, time.perf_counter() - t0, previous)
+            raise
+        seconds = time.perf_counter() - t0
+        _write_state(folder, stage, True, seconds, previous)
+        timings[stage.name] = previous + seconds
+        print(f"{prefix}: done in {seconds:.1f} s", flush=True)
+    summary = write_summary(exp, root, timings, time.perf_counter() - started)
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print(f"summary: {root / 'summary.json'}")
+    return summary
+
+
+def write_summary(exp: Experiment, root: Path, timings: dict[str, float], session_seconds: float) -> dict:
+    card = json.loads((root / "export" / "card.json").read_text())
+    summary: dict[str, Any] = {
+        "experiment": exp.name,
+        "best_params": card["params"],
+        "best_macs": card["macs"],
+        "best_latency_ms": card["latency_ms_p50"],
+        "best_proxy_loss": card["proxy_loss"],
+        "best_trial": card["trial"],
+        "wall_seconds": round(sum(timings.values()), 1),  # every stage's own time, finished or resumed
+        "session_seconds": round(session_seconds, 1),  # this invocation (skipped stages cost ~0)
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    eval_path = root / "evaluate" / "eval" / "eval.json"
+    if eval_path.is_file():
+        report = json.loads(eval_path.read_text())
+        for row in report["results"]:
+            steps = row["steps"]
+            if "alignment" in row:
+                summary[f"alignment_accuracy_{steps}_steps"] = row["alignment"]
+                summary[f"chance_alignment_{steps}_steps"] = row["chance_alignment"]
+                summary[f"domain_fid_{steps}_steps"] = row["frechet_distance"]
+            if "fid" in row:
+                summary[f"fid_{steps}_steps"] = row["fid"]
+        summary["real_image_alignment"] = report.get("reference", {}).get("real_alignment")
+    for name, (stage, file) in KEEP.items():
+        source = root / stage / file
+        if source.is_file():
+            shutil.copyfile(source, root / name)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+__all__ = ["STAGES", "load_experiment", "run_experiment"]

@@ -1,0 +1,92 @@
+"""`nas export-pipeline`: a trained run as a diffusers StableDiffusionPipeline folder.
+
+OUT/ holds unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json (written by
+`StableDiffusionPipeline.save_pretrained`, safetensors), plus nas_export.json (where it came from).
+It loads offline with `StableDiffusionPipeline.from_pretrained(OUT)` and takes a plain text prompt:
+
+- the text encoder's config carries `use_attention_mask: true` (BERT-like encoders such as MiniLM
+  need the padding masked, as the cache was encoded) and the tokenizer's `model_max_length` is the
+  cache's text length, so the pipeline's own tokenization and encoding equal the cache's;
+- the VAE's `scaling_factor` is the cache's;
+- the scheduler is the run's recipe (betas, zero terminal SNR, prediction type, trailing spacing).
+
+A U-Net of the project's own class (`FlexUNet2DConditionModel`) is recorded in model_index.json as
+`["nas.models.flex_unet", "FlexUNet2DConditionModel"]`: loading needs `nas` importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nas.errors import NasError
+from nas.sample.generate import SampleSettings, build_pipeline, check_out_folder
+from nas.sample.run import SCHEDULERS, load_run
+
+EXPORT_INFO = "nas_export.json"
+
+
+def export_pipeline(
+    run: str | Path,
+    out: str | Path,
+    scheduler: str = "ddim",
+    spacing: str = "trailing",
+    weights: str = "auto",
+) -> dict:
+    """Write the run as a pipeline folder at `out` (refused if not empty); return nas_export.json's data.
+
+    The folder is written beside `out` and renamed into place, so an interrupted export leaves no
+    half pipeline behind.
+    """
+    import diffusers
+
+    out = Path(out)
+    check_out_folder(out)
+    settings = SampleSettings(scheduler=scheduler, spacing=spacing).check()
+    components = load_run(run, weights=weights)
+    pipe = build_pipeline(components, scheduler, spacing)
+    info = {
+        "run": str(Path(run).resolve()),
+        "weights": components.weights,
+        "model_sha256": components.model_sha256,
+        "unet_class": type(components.unet).__name__,
+        "scheduler": scheduler,
+        "scheduler_class": SCHEDULERS[scheduler][0],
+        "timestep_spacing": spacing,
+        "resolution": components.resolution,
+        "text_len": components.text_encoder.max_length,
+        "text_encoder": components.manifest["text_encoder"],
+        "vae": components.manifest["vae"],
+        "recipe": components.recipe.model_dump(mode="json"),
+        # what `nas sample` uses by default; the pipeline's own defaults are 50 steps, guidance 7.5
+        "suggested": {"num_inference_steps": settings.steps, "guidance_scale": settings.guidance},
+        "diffusers": diffusers.__version__,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _check_folder(staging)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): replaced by the complete folder
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info
+
+
+def _check_folder(folder: Path) -> None:
+    """What from_pretrained will need is there, in safetensors (no pickle files)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / name).is_dir() or index.get(name, [None])[0] is None:
+            raise NasError(
+                f"{folder}: export is missing {name}/ (diffusers {index.get('_diffusers_version')})"
+            )
+    pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.bin"))
+    if pickles:
+        raise NasError(f"{folder}: export wrote pickle files {pickles}; expected safetensors only")

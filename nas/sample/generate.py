@@ -1,0 +1,218 @@
+"""`nas sample`: images from a trained run, through diffusers' own StableDiffusionPipeline.
+
+The run's components go into an in-memory `StableDiffusionPipeline`; prompts are encoded by the
+run's text encoder (tokenized as the pipeline does) and the unconditional side of classifier-free
+guidance is the cached empty caption. The denoising loop, CFG and VAE decode are therefore the
+pipeline's, and an exported folder (nas/sample/export.py) called with the same prompt, seed, steps,
+scheduler and guidance gives the same image (docs/sampling.md states the measured difference).
+
+Seeds: image j of every prompt starts from `torch.Generator().manual_seed(seed + j)` (a CPU
+generator, so the noise is the same on any device), one generator per image, so an image does not
+depend on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas.errors import NasError
+from nas.sample.run import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How images are drawn; every field goes into each image's JSON sidecar."""
+
+    steps: int = 30  # denoising steps (the seed's claim: 30 steps match 50)
+    guidance: float = 7.5  # classifier-free guidance scale (SD 1.5 default); 1 = no guidance
+    scheduler: str = "ddim"  # key of nas.sample.run.SCHEDULERS
+    spacing: str = "trailing"  # timestep grid; trailing never evaluates t = 0 (Lin et al. 2023)
+    batch_size: int = 8  # images per pipeline call (CFG doubles the U-Net batch)
+
+    def check(self) -> SampleSettings:
+        if self.steps < 1:
+            raise NasError(f"--steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 1:
+            raise NasError(f"--guidance must be >= 1 (1 = no classifier-free guidance), got {self.guidance}")
+        if self.batch_size < 1:
+            raise NasError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.scheduler not in SCHEDULERS:
+            raise NasError(
+                f"--scheduler {self.scheduler!r}: unknown scheduler (allowed: {', '.join(SCHEDULERS)})"
+            )
+        if self.spacing not in SPACINGS:
+            raise NasError(
+                f"--spacing {self.spacing!r}: unknown timestep spacing (allowed: {', '.join(SPACINGS)})"
+            )
+        return self
+
+
+def build_pipeline(components: RunComponents, scheduler: str = "ddim", spacing: str = "trailing"):
+    """A StableDiffusionPipeline of the run's U-Net, VAE, text encoder and tokenizer (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    te = components.text_encoder
+    # What makes the pipeline tokenize and encode as the cache did (see REFERENCE.md): BERT-like
+    # encoders need the attention mask, and the tokenizer pads to the cache's text length.
+    if te.model.config.model_type not in ("clip", "clip_text_model"):
+        te.model.config.use_attention_mask = True
+    te.tokenizer.model_max_length = te.max_length
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=te.model,
+        tokenizer=te.tokenizer,
+        unet=components.unet,
+        scheduler=make_scheduler(scheduler, components.recipe, spacing),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)  # one bar across images instead (see generate)
+    return pipe
+
+
+def jobs_for(prompts: list[str], n: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, seed) per image: `n` images of each prompt, seeds seed .. seed + n - 1."""
+    if n < 1:
+        raise NasError(f"--n must be >= 1, got {n}")
+    if not prompts:
+        raise NasError("no prompts to sample")
+    return [(prompt, seed + j) for prompt in prompts for j in range(n)]
+
+
+@torch.no_grad()
+def generate(
+    components: RunComponents,
+    pipe,
+    jobs: list[tuple[str, int]],
+    settings: SampleSettings,
+    progress: bool = True,
+    desc: str = "sample",
+) -> np.ndarray:
+    """Images of `jobs` ((prompt, seed) pairs) as float32 [N, H, W, 3] in [0, 1], in job order."""
+    from tqdm import tqdm
+
+    settings.check()
+    te = components.text_encoder
+    size = components.resolution
+    images = []
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            prompt_embeds, _ = te.encode([prompt for prompt, _ in batch])
+            negative = components.empty_text[None].expand(len(batch), -1, -1).to(prompt_embeds)
+            out = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                generator=[torch.Generator().manual_seed(s) for _, s in batch],
+                height=size,
+                width=size,
+                output_type="np",
+            )
+            images.append(out.images.astype(np.float32))
+            bar.update(len(batch))
+    return np.concatenate(images)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to bytes exactly as the pipeline's PIL output does (round half to even)."""
+    return (images * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, 3] tiled row by row, `columns` wide, with a white border."""
+    count, h, w, _ = images.shape
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleSettings, file: str) -> dict:
+    """The JSON written beside each image: enough to regenerate it with nas or with the pipeline."""
+    return {
+        "file": file,
+        "prompt": prompt,
+        "seed": seed,
+        "steps": settings.steps,
+        "scheduler": settings.scheduler,
+        "scheduler_class": SCHEDULERS[settings.scheduler][0],
+        "timestep_spacing": settings.spacing,
+        "guidance": settings.guidance,
+        "width": components.resolution,
+        "height": components.resolution,
+        "weights": components.weights,
+        "model_sha256": components.model_sha256,
+        "run": str(components.run.resolve()),
+    }
+
+
+def check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NasError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise NasError(f"{out}: folder is not empty; choose a new --out (nothing was written)")
+
+
+def write_samples(
+    components: RunComponents,
+    jobs: list[tuple[str, int]],
+    images: np.ndarray,
+    settings: SampleSettings,
+    out: str | Path,
+    columns: int,
+) -> list[Path]:
+    """OUT/NNNN.png + OUT/NNNN.json per image and OUT/grid.png (one row per prompt); the PNG paths."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)
+    paths = []
+    for i, ((prompt, seed), image) in enumerate(zip(jobs, pixels)):
+        path = out / f"{i:04d}.png"
+        Image.fromarray(image).save(path)
+        meta = sidecar(components, prompt, seed, settings, path.name)
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        paths.append(path)
+    Image.fromarray(image_grid(pixels, columns)).save(out / "grid.png")
+    return paths
+
+
+def sample_run(
+    run: str | Path,
+    prompts: list[str] | None,
+    out: str | Path,
+    settings: SampleSettings,
+    n: int = 1,
+    seed: int = 0,
+    weights: str = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[Path]:
+    """`nas sample`: load the run, draw `n` images per prompt, write PNGs, sidecars and a grid.
+
+    Without prompts, the first 4 captions the trainer held out of the cache are used.
+    """
+    from nas.sample.run import held_out_captions, load_run
+
+    settings.check()
+    out = Path(out)
+    check_out_folder(out)
+    prompts = prompts or held_out_captions(run, 4)
+    components = load_run(run, weights=weights, device=device)
+    jobs = jobs_for(prompts, n, seed)
+    pipe = build_pipeline(components, settings.scheduler, settings.spacing)
+    images = generate(components, pipe, jobs, settings, progress=progress)
+    return write_samples(components, jobs, images, settings, out, columns=n)

@@ -1,0 +1,156 @@
+"""Pick an architecture from a finished study and write it out: the architecture YAML, the U-Net
+`config.json` diffusers loads with `from_config`, and a card with its figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.config import dump_yaml
+from nas.errors import NasError
+from nas.space import arch_from_dict, build_unet, unet_config
+
+# Names usable in --pick expressions -> trial user attribute.
+FIELDS = {
+    "proxy_loss": "proxy_loss",
+    "latency_ms": "latency_ms_p50",
+    "latency_ms_p90": "latency_ms_p90",
+    "params": "params",
+    "macs": "macs",
+    "attention_macs": "attention_macs",
+    "peak_memory_mb": "peak_memory_mb",
+}
+OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+_CONDITION = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "proxy_loss" in t.user_attrs
+    ]
+    if not trials:
+        raise NasError(f"study {study.study_name}: no completed trial yet (run nas search first)")
+    return trials
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Non-dominated completed trials (the best trial for a single objective)."""
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return study.best_trials
+
+
+def parse_conditions(expr: str) -> list[tuple[str, Any, float]]:
+    """'latency_ms<=12, params<5e6' -> [(attr, op, value), ...] (NasError on a malformed part)."""
+    out = []
+    for part in re.split(r",|\band\b", expr):
+        match = _CONDITION.match(part)
+        if not match or match.group(1) not in FIELDS:
+            raise NasError(
+                f"--pick {expr!r}: cannot read {part.strip()!r} (use best, knee, or FIELD OP NUMBER with FIELD in"
+                f" {', '.join(FIELDS)} and OP in {', '.join(OPS)}, joined by ',')"
+            )
+        out.append((FIELDS[match.group(1)], OPS[match.group(2)], float(match.group(3))))
+    return out
+
+
+def _knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
+    """The front point closest to the ideal point once each objective is scaled to [0, 1]."""
+    if len(front) == 1:
+        return front[0]
+    dims = len(study.directions)
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+    lows = [min(signs[i] * t.values[i] for t in front) for i in range(dims)]
+    highs = [max(signs[i] * t.values[i] for t in front) for i in range(dims)]
+
+    def distance(t: FrozenTrial) -> float:
+        return math.sqrt(
+            sum(((signs[i] * t.values[i] - lows[i]) / ((highs[i] - lows[i]) or 1)) ** 2 for i in range(dims))
+        )
+
+    return min(front, key=distance)
+
+
+def pick_trial(study: optuna.Study, how: str = "best") -> FrozenTrial:
+    """best: lowest proxy loss; knee: balanced Pareto point; EXPR: lowest proxy loss under constraints."""
+    trials = complete_trials(study)
+    if how == "best":
+        return min(trials, key=lambda t: t.user_attrs["proxy_loss"])
+    if how == "knee":
+        return _knee(study, pareto_front(study))
+    conditions = parse_conditions(how)
+    ok = [
+        t
+        for t in trials
+        if all(attr in t.user_attrs and op(t.user_attrs[attr], v) for attr, op, v in conditions)
+    ]
+    if not ok:
+        ranges = ", ".join(
+            f"{name} {min(t.user_attrs.get(attr, math.inf) for t in trials):.4g}..{max(t.user_attrs.get(attr, -math.inf) for t in trials):.4g}"
+            for name, attr in FIELDS.items()
+            if any(attr == c[0] for c in conditions)
+        )
+        raise NasError(f"--pick {how!r}: no completed trial satisfies it (completed trials span {ranges})")
+    return min(ok, key=lambda t: t.user_attrs["proxy_loss"])
+
+
+def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: str) -> dict[str, Any]:
+    """Write OUT/arch.yaml, OUT/config.json (diffusers U-Net config) and OUT/card.{json,md}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = arch_from_dict(trial.user_attrs["arch"], f"study {study.study_name} trial {trial.number}")
+    dump_yaml(arch, out / "arch.yaml")
+    class_name, _ = unet_config(arch)
+    build_unet(arch, device="meta").save_config(out)  # config.json with _class_name, as diffusers writes it
+    a = trial.user_attrs
+    front = {t.number for t in pareto_front(study)}
+    card = {
+        "study": study.study_name,
+        "space": study.user_attrs.get("space_file"),
+        "trial": trial.number,
+        "pick": how,
+        "on_pareto_front": trial.number in front,
+        "baseline": a.get("baseline"),
+        "model_class": class_name,
+        "params": a.get("params"),
+        "macs": a.get("macs"),
+        "attention_macs": a.get("attention_macs"),
+        "latency_ms_p50": a.get("latency_ms_p50"),
+        "latency_ms_p90": a.get("latency_ms_p90"),
+        "proxy_loss": a.get("proxy_loss"),
+        "objectives": dict(zip(study.user_attrs.get("objectives", []), trial.values or [])),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    lines = [
+        f"# {arch.name}",
+        "",
+        f"Picked `{how}` from study `{card['study']}` (space `{card['space']}`), trial {trial.number}"
+        + (" (on the Pareto front)" if card["on_pareto_front"] else "")
+        + f", {card['date']}.",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| model class | `{class_name}` |",
+        f"| parameters | {card['params']:,} |",
+        f"| MACs per forward (attention included) | {card['macs']:,} |",
+        f"| attention MACs | {card['attention_macs']:,} |",
+        f"| latency p50 / p90 | {card['latency_ms_p50']:.2f} / {card['latency_ms_p90']:.2f} ms |",
+        f"| proxy validation loss | {card['proxy_loss']:.5f} |",
+        "",
+        "Load: `from diffusers import UNet2DConditionModel` (or `from nas.models import "
+        "FlexUNet2DConditionModel`), then `Class.from_config(Class.load_config(DIR))`; "
+        "train it with `nas train CONFIG --arch DIR/arch.yaml`.",
+    ]
+    (out / "card.md").write_text("\n".join(lines) + "\n")
+    return card

@@ -1,0 +1,176 @@
+"""The one objective both engines run: architecture -> cost -> budgets -> (zero-cost) -> proxy
+training -> objective values. Engine-free: Optuna and Ray adapt it in study.py / ray_backend.py
+through the `Hooks` it calls."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas.errors import NasError
+from nas.space.schema import Arch, Space
+
+# Metric name in objectives/budgets -> key in the metrics dict.
+METRIC_KEYS = {"proxy_loss": "proxy_loss", "latency_ms": "latency_ms_p50", "params": "params", "macs": "macs"}
+
+
+class Rejected(Exception):
+    """The point is skipped before training (over a budget, or cut by the zero-cost filter)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+@dataclass
+class Hooks:
+    """How an engine listens: `metrics` receives every figure as soon as it exists (trial
+    attributes), `report(step, proxy_loss)` may stop or prune (return True / raise), and
+    `zero_cost_history()` gives the scores of earlier trials for the pre-filter."""
+
+    metrics: Callable[[dict[str, Any]], None] = lambda m: None
+    report: Callable[[int, float], bool | None] = lambda step, loss: None
+    zero_cost_history: Callable[[], list[float]] = list
+
+
+def proxy_config(space: Space, space_path: str | Path | None = None):
+    """The training config of the proxy runs: the recipe preset or file, plus the space's overrides."""
+    from nas.config import validate
+    from nas.train.config import TrainConfig, read_config_data
+
+    recipe = space.proxy.recipe
+    if recipe.endswith((".yaml", ".yml")) and space_path is not None and not Path(recipe).is_absolute():
+        recipe = str(Path(space_path).parent / recipe)
+    data, source = read_config_data(recipe)
+    for key, value in space.proxy.overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return validate(TrainConfig, data, f"{space_path or space.name}: proxy ({source} + overrides)")
+
+
+def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
+    """Parameters and MACs (meta device), then latency and peak memory as the space says."""
+    from nas.cost import arch_cost, measure_latency
+    from nas.space import build_unet
+
+    cost = arch_cost(arch, batch=space.latency.batch)
+    out = {k: cost[k] for k in ("params", "macs", "attention_macs", "model_class")}
+    lat = space.latency
+    measured = measure_latency(
+        build_unet(arch),
+        arch,
+        device=lat.device,
+        batch=lat.batch,
+        dtype=lat.dtype,
+        warmup=lat.warmup,
+        iters=lat.iters,
+    )
+    out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
+    out["peak_memory_mb"] = measured.peak_memory_mb
+    return out
+
+
+def over_budget(space: Space, metrics: dict[str, Any]) -> str | None:
+    """'params 1.2e6 > 1e6'-style reason for the first budget exceeded, or None."""
+    for name, limit in space.budgets.model_dump(exclude_none=True).items():
+        value = metrics.get(METRIC_KEYS[name])
+        if value is not None and value > limit:
+            return f"{name} {value:.4g} > budget {limit:.4g}"
+    return None
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class PointResult:
+    metrics: dict[str, Any]
+    values: list[float] = field(default_factory=list)  # one per objective, in the space's order
+
+
+def evaluate_point(
+    space: Space,
+    arch: Arch,
+    cache,
+    train_config,
+    hooks: Hooks,
+    measure: Callable[[Space, Arch], dict[str, Any]] = measure_cost,
+) -> PointResult:
+    """Score one architecture. Raises Rejected before training for an infeasible point.
+    `measure` gives the cost figures (Ray passes one that runs on a chosen accelerator type)."""
+    from nas.train.loop import proxy_train
+
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {"arch_name": arch.name}
+    metrics.update(measure(space, arch))
+    hooks.metrics(metrics)
+    reason = over_budget(space, metrics)
+    if reason:
+        raise Rejected("budget", reason)
+
+    zc = space.proxy.zero_cost
+    if zc is not None:
+        from nas.proxies import zero_cost_score
+
+        score = zero_cost_score(zc.proxy, arch, cache, train_config, zc.batch_size, space.proxy.seed)
+        history = hooks.zero_cost_history()
+        metrics[f"zero_cost_{zc.proxy}"] = score
+        hooks.metrics({f"zero_cost_{zc.proxy}": score})
+        if zc.prune_below_quantile > 0 and len(history) >= zc.warmup_trials:
+            cut = quantile(history, zc.prune_below_quantile)
+            if score < cut:
+                raise Rejected(
+                    "zero_cost", f"{zc.proxy} {score:.4g} < q{zc.prune_below_quantile:g} {cut:.4g}"
+                )
+
+    proxy = space.proxy
+    loss = proxy_train(
+        arch,
+        cache,
+        proxy.steps,
+        report=hooks.report,
+        every=proxy.report_every,
+        config=train_config,
+        seed=proxy.seed,
+    )
+    if loss is None or not math.isfinite(loss):
+        raise NasError(f"architecture {arch.name}: proxy validation loss is {loss}")
+    metrics["proxy_loss"] = float(loss)
+    metrics["proxy_seconds"] = time.perf_counter() - started
+    hooks.metrics({"proxy_loss": metrics["proxy_loss"], "proxy_seconds": metrics["proxy_seconds"]})
+    values = [float(metrics[METRIC_KEYS[o.metric]]) for o in space.objectives]
+    return PointResult(metrics, values)
+
+
+def check_feasible_space(space: Space) -> None:
+    """Refuse a space whose budgets exclude every point, before any trial: the smallest point of
+    each depth (every cost grows with every choice) must fit the parameter and MAC budgets, and
+    its measured latency the latency budget."""
+    from nas.cost import arch_cost
+    from nas.space import extreme_archs
+
+    b = space.budgets
+    if b.params is None and b.macs is None and b.latency_ms is None:
+        return
+    best: dict[str, float] = {}
+    for _, smallest, _ in extreme_archs(space):
+        cost = arch_cost(smallest, batch=space.latency.batch)
+        best["params"] = min(best.get("params", math.inf), cost["params"])
+        best["macs"] = min(best.get("macs", math.inf), cost["macs"])
+        if b.latency_ms is not None and cost["params"] <= (b.params or math.inf):
+            best["latency_ms_p50"] = min(
+                best.get("latency_ms_p50", math.inf), measure_cost(space, smallest)["latency_ms_p50"]
+            )
+    reason = over_budget(space, best)
+    if reason:
+        raise NasError(f"space {space.name}: budgets exclude every architecture (smallest point: {reason})")

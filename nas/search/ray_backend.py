@@ -1,0 +1,255 @@
+"""The Ray Tune engine: the same objective through `Tuner` + `OptunaSearch` + ASHA, on a local Ray
+or an existing cluster. Trials are recorded in the same Optuna storage as the Optuna engine, so
+`nas export` and `nas report` work on either.
+
+- Resources per trial: CPUs, GPUs (fractional shares a GPU). A request no node can satisfy would
+  stay PENDING forever in Ray; it is refused up front against `ray.cluster_resources()`.
+- `latency_accelerator`: latency is measured in a Ray task pinned to a node of that accelerator
+  type (Ray's `accelerator_type:<TYPE>` resource, e.g. A10G) while proxy training runs anywhere.
+- ASHA stops trials early on the proxy loss; with several objectives Optuna's sampler still builds
+  a Pareto front from the trials that ran to the end.
+- A killed run resumes from results/<study>/ray/ with `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nas.errors import NasError
+from nas.search.objective import (
+    METRIC_KEYS,
+    Hooks,
+    Rejected,
+    check_feasible_space,
+    evaluate_point,
+    measure_cost,
+    proxy_config,
+)
+from nas.search.study import SAMPLERS, SearchSettings, _check_cache, open_storage, open_study, write_metadata
+from nas.space import FixedChoices, load_space, sample_arch
+
+# Result keys copied to the Optuna trial's user attributes (what export and report read).
+ATTRS = ("arch_name", "params", "macs", "attention_macs", "model_class", "latency_ms_p50",
+         "latency_ms_p90", "peak_memory_mb", "proxy_loss", "proxy_seconds", "rejected", "reason", "error")  # fmt: skip
+
+
+@dataclass
+class RaySettings:
+    address: str | None = None  # None: start a local Ray
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    latency_accelerator: str | None = None  # e.g. "A10G": measure latency on such a node
+
+
+def check_resources(request: dict[str, float], cluster: dict[str, float]) -> None:
+    """Refuse what no node can give (Ray would wait forever)."""
+    for key, amount in request.items():
+        if amount > 0 and cluster.get(key, 0.0) < amount:
+            have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if not k.startswith("node:"))
+            raise NasError(f"Ray cluster cannot satisfy {key}={amount:g} per trial (cluster has: {have})")
+
+
+def _connect(address: str | None, quiet: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=not quiet, configure_logging=False)
+        else:
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=not quiet,
+                configure_logging=False,
+            )
+    except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError depending on the address
+        raise NasError(
+            f"--ray-address {address or 'local'}: cannot connect ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+
+
+def _remote_measure(accelerator: str | None, gpus: float):
+    """A `measure` function for evaluate_point: local, or a Ray task on the accelerator type."""
+    if accelerator is None:
+        return measure_cost
+
+    def measure(space, arch):
+        import ray
+
+        task = ray.remote(
+            num_gpus=max(gpus, 1e-3) if gpus else 0, resources={f"accelerator_type:{accelerator}": 1e-3}
+        )
+        return ray.get(task(measure_cost).remote(space, arch))
+
+    return measure
+
+
+class DefineByRun:
+    """OptunaSearch's search space: sampling an architecture registers its parameters (the
+    trainable rebuilds the architecture from them). A class, so the searcher can be pickled."""
+
+    def __init__(self, space):
+        self.space = space
+
+    def __call__(self, ot_trial) -> None:
+        sample_arch(self.space, ot_trial)
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RecordingOptunaSearch(OptunaSearch):
+        """OptunaSearch that stores each trial's figures as Optuna user attributes and records
+        rejected points and trials ASHA stopped early as pruned (what the Optuna engine does), so
+        export and report see the same study either way."""
+
+        full_steps = 0  # proxy steps of a trial that ran to the end; set per search
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            import optuna
+
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and result:
+                for key in ATTRS:
+                    if key in result:
+                        ot_trial.set_user_attr(key, result[key])
+                if "arch_json" in result:
+                    ot_trial.set_user_attr("arch", json.loads(result["arch_json"]))
+                stopped_early = not error and result.get("step", 0) < self.full_steps
+                if "rejected" in result or stopped_early:
+                    if stopped_early and "rejected" not in result:
+                        ot_trial.set_user_attr("reason", f"stopped by ASHA at step {result.get('step')}")
+                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                    return
+            if ot_trial is not None and error and not (result and "proxy_loss" in result):
+                ot_trial.set_user_attr("error", "trial raised; see the Ray trial's error.txt")
+            super().on_trial_complete(trial_id, result, error)
+
+    return RecordingOptunaSearch
+
+
+def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: bool = False):
+    """`nas search --backend ray`: run or resume the study as a Ray Tune experiment."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from nas.data.cache import open_cache
+
+    if settings.trials < 1:
+        raise NasError(f"--trials must be >= 1, got {settings.trials}")
+    space = load_space(settings.space)
+    if settings.cache is None:
+        raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
+    cache_path = str(Path(settings.cache).resolve())
+    _check_cache(space, open_cache(cache_path), settings.cache)
+    train_config = proxy_config(space, settings.space)
+    check_feasible_space(space)
+    settings.folder.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(settings.storage_url(), heartbeat=False)
+    study = open_study(settings, space, storage)  # creates or checks the study (space digest, baselines)
+    write_metadata(settings, space)
+
+    _connect(ray_settings.address, quiet)
+    import ray
+
+    request = {"CPU": ray_settings.cpus_per_trial, "GPU": ray_settings.gpus_per_trial}
+    if ray_settings.latency_accelerator:
+        request[f"accelerator_type:{ray_settings.latency_accelerator}"] = 1e-3
+    check_resources(request, ray.cluster_resources())
+
+    metrics = [o.metric for o in space.objectives]
+    modes = ["min" if o.direction == "minimize" else "max" for o in space.objectives]
+    multi = len(metrics) > 1
+    measure = _remote_measure(ray_settings.latency_accelerator, ray_settings.gpus_per_trial)
+    study_name = settings.study
+
+    def trainable(config: dict[str, Any]) -> None:
+        arch = sample_arch(
+            space, FixedChoices(config), name=f"{study_name}-{tune.get_context().get_trial_id()}"
+        )
+        cache = open_cache(cache_path)
+        # Every report carries everything known so far: ASHA may stop a trial at any report, and
+        # the searcher stores the last one (the architecture as JSON: Ray flattens nested dicts).
+        record: dict[str, Any] = {"arch_json": json.dumps(arch.to_data())}
+
+        def objectives(proxy_loss: float) -> dict[str, float]:
+            # Ray checks that every report names every objective: cost figures exist before training.
+            known = {**record, "proxy_loss": proxy_loss}
+            return {name: float(known.get(METRIC_KEYS[name], math.nan)) for name in metrics}
+
+        def report(step: int, loss: float) -> None:
+            tune.report({**record, **objectives(loss), "proxy_loss": loss, "step": step})
+
+        try:
+            result = evaluate_point(
+                space, arch, cache, train_config, Hooks(record.update, report, list), measure=measure
+            )
+        except Rejected as rejected:
+            # NaN objectives never reach Optuna: RecordingOptunaSearch records the trial as pruned.
+            tune.report(
+                {
+                    **record,
+                    **objectives(math.nan),
+                    "rejected": rejected.kind,
+                    "reason": rejected.reason,
+                    "step": 0,
+                }
+            )
+            return
+        final = {**record, **result.metrics, "step": space.proxy.steps}
+        for name in metrics:
+            final[name] = float(result.metrics[METRIC_KEYS[name]])
+        tune.report(final)
+
+    # Baselines are already enqueued in the Optuna study; OptunaSearch's ask() picks them up first.
+    searcher_class = _searcher_class()
+    searcher_class.full_steps = space.proxy.steps
+    searcher = searcher_class(
+        space=DefineByRun(space),
+        metric=metrics if multi else metrics[0],
+        mode=modes if multi else modes[0],
+        sampler=SAMPLERS[settings.sampler](settings.seed, multi),
+        study_name=study_name,
+        storage=storage,
+    )
+    scheduler = ASHAScheduler(
+        metric="proxy_loss",
+        mode="min",
+        time_attr="step",
+        max_t=space.proxy.steps,
+        grace_period=min(space.proxy.report_every, space.proxy.steps),
+    )
+    resources = {"cpu": ray_settings.cpus_per_trial, "gpu": ray_settings.gpus_per_trial}
+    path = (settings.folder / "ray").resolve()
+    wrapped = tune.with_resources(trainable, resources)
+    if tune.Tuner.can_restore(path / study_name):
+        tuner = tune.Tuner.restore(
+            str(path / study_name), trainable=wrapped, resume_unfinished=True, resume_errored=False
+        )
+    else:
+        tuner = tune.Tuner(
+            wrapped,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=settings.trials,
+                max_concurrent_trials=settings.workers,
+            ),
+            run_config=tune.RunConfig(
+                name=study_name,
+                storage_path=str(path),
+                failure_config=tune.FailureConfig(max_failures=0),  # a failing architecture fails once
+                verbose=0 if quiet else 1,
+            ),
+        )
+    results = tuner.fit()
+    del study
+    return results

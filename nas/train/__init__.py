@@ -1,0 +1,16 @@
+"""Training: the recipe (`TrainConfig`, presets), the one loop, checkpoints, the search's short mode."""
+
+from nas.train.config import PRESETS, EMAConfig, TrainConfig, load_config
+from nas.train.loop import NonFiniteLoss, TrainResult, proxy_train, train, train_arch
+
+__all__ = [
+    "PRESETS",
+    "EMAConfig",
+    "NonFiniteLoss",
+    "TrainConfig",
+    "TrainResult",
+    "load_config",
+    "proxy_train",
+    "train",
+    "train_arch",
+]

@@ -1,0 +1,211 @@
+"""`TrainConfig`: the training recipe as a strict schema, named presets and `--set key=value`.
+
+The defaults are the DeciDiffusion recipe (cosine betas, zero terminal SNR, v-prediction, Min-SNR
+gamma=5, EMA for the last 5%). Presets in experiments/train_<name>.yaml are short overrides of these
+defaults; a config file may start from one with `preset: NAME` and override any key. Command-line
+overrides (`--set lr=2e-4 ema.start=0.9 ema=null`) are parsed as YAML values and checked against the
+schema like the file itself, so a typo or a wrong type is a one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from nas.config import Strict, read_yaml, validate
+from nas.diffusion import Recipe
+from nas.errors import NasError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "experiments"
+# name -> file in experiments/. One explicit table; an unknown name is an error listing these.
+PRESETS: dict[str, str] = {
+    "decidiffusion": "train_decidiffusion.yaml",  # the default recipe (DeciDiffusion 1.0)
+    "sd15": "train_sd15.yaml",  # Stable Diffusion 1.5's recipe, for comparisons
+    "tiny": "train_tiny.yaml",  # minutes on a CPU: smoke tests and the shapes demo
+}
+# Keys a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_KEYS = (
+    "name",
+    "arch",
+    "cache",
+    "max_steps",
+    "num_workers",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
+
+
+class EMAConfig(Strict):
+    """Exponential moving average of the weights (diffusers' `EMAModel`), kept from `start` onward."""
+
+    # fraction of max_steps after which the EMA starts from the current weights;
+    # DeciDiffusion: last ~5% of training (~15% faster, ~10% larger batch); 0 = throughout (SD 1.5)
+    start: float = Field(0.95, ge=0, lt=1)
+    # upper bound of the decay; EMAModel ramps up to it as (1 + n) / (10 + n) over n EMA steps
+    decay: float = Field(0.9999, gt=0, lt=1)
+
+
+class TrainConfig(Strict):
+    """One training run (or, with `proxy_train`, one short proxy run of the search)."""
+
+    name: str = "train"  # run name: default output folder results/train/<arch name>-<name>
+    arch: str | None = None  # architecture YAML; `--arch` overrides; relative to this file
+    cache: str | None = (
+        None  # latent cache folder (`nas precompute`); `--cache` overrides; relative to this file
+    )
+    diffusion: Recipe = Recipe()  # noise schedule, prediction type, Min-SNR (nas/diffusion.py)
+    ema: EMAConfig | None = EMAConfig()  # null: no EMA
+
+    seed: int = 0  # seeds model init, data order, latent draws, noise, timesteps, caption drop
+    max_steps: int = Field(10_000, ge=1)  # optimizer steps
+    batch_size: int = Field(32, ge=1)  # samples per process per micro-step
+    grad_accum: int = Field(1, ge=1)  # micro-steps per optimizer step (global batch = batch * accum * GPUs)
+
+    lr: float = Field(1e-4, gt=0)  # AdamW peak learning rate (SD 1.5 / diffusers text-to-image: 1e-4)
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"  # after warm-up
+    warmup_steps: int = Field(500, ge=0)  # linear LR warm-up, optimizer steps (SD: 10k at batch 2048)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW defaults (Loshchilov & Hutter 2019)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)  # decoupled weight decay (diffusers text-to-image: 1e-2)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global gradient norm; null = no clipping
+
+    # probability that a caption is replaced by the empty caption: classifier-free guidance
+    # training (Ho & Salimans 2022; SD 1.5 fine-tuning: 0.1)
+    cfg_drop: float = Field(0.1, ge=0, le=1)
+    # background processes preparing batches (latent draws, noise) ahead of the GPU; 0 = in the
+    # training process, enough on CPU and for small latents; e.g. 4 for SD-size latents on a GPU
+    num_workers: int = Field(0, ge=0)
+    # autocast: auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU (weights stay fp32)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+
+    val_items: int = Field(64, ge=1)  # last N cache items, held out: never trained on
+    val_timesteps: int = Field(4, ge=1)  # (item, timestep, noise) triples per held-out item
+    val_seed: int = 1234  # fixed, so validation triples match across runs and architectures
+    val_every: int = Field(500, ge=1)  # optimizer steps between validation losses
+    log_every: int = Field(10, ge=1)  # optimizer steps between metrics.csv rows
+    checkpoint_every: int = Field(1000, ge=1)  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept on disk
+
+    def global_batch(self, processes: int = 1) -> int:
+        return self.batch_size * self.grad_accum * processes
+
+    def ema_start_step(self) -> int | None:
+        """First optimizer step (0-based) at which the EMA exists, or None without EMA."""
+        if self.ema is None:
+            return None
+        return min(int(self.ema.start * self.max_steps), self.max_steps - 1)
+
+
+def preset_path(name: str) -> Path:
+    """experiments/train_<name>.yaml for a preset name (NasError listing the names otherwise)."""
+    if name not in PRESETS:
+        raise NasError(f"unknown preset {name!r} (allowed: {', '.join(PRESETS)}, or a path to a .yaml file)")
+    return PRESET_DIR / PRESETS[name]
+
+
+def _read_mapping(path: Path) -> dict:
+    data = read_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise NasError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _absolute_paths(data: dict, folder: Path) -> dict:
+    """Paths written in a config file are relative to that file."""
+    for key in ("arch", "cache"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((folder / data[key]).resolve())
+    return data
+
+
+def read_config_data(spec: str) -> tuple[dict, str]:
+    """Raw config dict and its source name, from a preset name or a YAML path (`preset:` merged)."""
+    path = Path(spec)
+    if spec in PRESETS or (not path.suffix and not path.exists()):
+        path = preset_path(spec)
+    return _read_with_presets(path, seen=()), str(path)
+
+
+def _read_with_presets(path: Path, seen: tuple[str, ...]) -> dict:
+    data = _absolute_paths(_read_mapping(path), path.parent)
+    base_name = data.pop("preset", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or base_name not in PRESETS:
+        raise NasError(f"{path}: preset: unknown preset {base_name!r} (allowed: {', '.join(PRESETS)})")
+    if base_name in seen:
+        raise NasError(f"{path}: preset: {base_name!r} names itself through {' -> '.join(seen)}")
+    return _merge(_read_with_presets(preset_path(base_name), (*seen, base_name)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML: 2e-4 -> float, null -> None, true -> bool)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise NasError(f"--set {text}: expected KEY=VALUE (e.g. lr=2e-4, ema.start=0.9, ema=null)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text, the schema decides whether a string is allowed
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted key in a copy of `data` (sections absent or null become mappings)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = (), **values: Any) -> TrainConfig:
+    """Resolve a preset name or YAML file, then `--set` overrides, then keyword values (flags).
+
+    Errors name the file for what the file got wrong and `--set` for what an override got wrong.
+    """
+    data, source = read_config_data(spec)
+    config = validate(TrainConfig, data, source)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        config = validate(TrainConfig, data, "--set")
+    flags = {k: v for k, v in values.items() if v is not None}
+    if flags:
+        config = validate(TrainConfig, {**data, **flags}, "flags")
+    return config
+
+
+def check_resumable(saved: dict, current: TrainConfig, source: str | Path) -> None:
+    """A resumed run must train the same recipe; only RESUMABLE_KEYS may change."""
+    now = current.model_dump(mode="json")
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_KEYS or saved.get(key) == now.get(key):
+            continue
+        raise NasError(
+            f"{source}: {key}: the checkpoint was trained with {saved.get(key)!r}, this run asks for"
+            f" {now.get(key)!r}; resume with the same config (only {', '.join(RESUMABLE_KEYS)} may change)"
+        )

@@ -1,0 +1,119 @@
+"""The run folder: resolved config, architecture, environment, metrics.csv and the loss curve.
+
+RUN/
+  config.yaml   the resolved TrainConfig          arch.yaml    the architecture (if trained from one)
+  env.json      versions, device, seed, command   metrics.csv  step, loss, val_loss, lr, samples_per_s
+  loss.png      training and validation loss      checkpoints/ see nas/train/checkpoint.py
+  final/unet/, final/unet_ema/   save_pretrained folders (safetensors) for the sampler
+  summary.json  final validation losses (raw and EMA weights), steps, wall time
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import sys
+from pathlib import Path
+
+METRICS = ("step", "loss", "val_loss", "lr", "samples_per_s")
+
+
+def environment(accelerator, config, extra: dict | None = None) -> dict:
+    """Versions, device and command of this process, for env.json."""
+    import accelerate
+    import diffusers
+    import torch
+
+    device = accelerator.device
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "seed": config.seed,
+        "command": " ".join(sys.argv),
+    }
+    env.update(extra or {})
+    return env
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_env(run: Path, env: dict, resumed_from: int | None) -> None:
+    """env.json of the first session; each resumed session is appended under "resumes"."""
+    path = Path(run) / "env.json"
+    if resumed_from is not None and path.is_file():
+        first = json.loads(path.read_text())
+        first.setdefault("resumes", []).append({**env, "from_step": resumed_from})
+        env = first
+    write_json(path, env)
+
+
+class MetricsLog:
+    """metrics.csv, appended row by row; on resume, rows past the checkpoint are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        rows = self.read(self.path) if resume_step is not None and self.path.is_file() else []
+        rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
+        self.kept = rows
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRICS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def add(self, **row) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=METRICS).writerow({k: _cell(row.get(k)) for k in METRICS})
+
+    def value_at(self, step: int, key: str) -> float | None:
+        """A value kept from an earlier session (e.g. the step-0 validation loss of a resumed run)."""
+        for row in self.kept:
+            if int(row["step"]) == step and row[key]:
+                return float(row[key])
+        return None
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def plot_losses(metrics_csv: Path, out_png: Path) -> None:
+    """Training loss (per logged interval) and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = MetricsLog.read(metrics_csv)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)

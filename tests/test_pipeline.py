@@ -1,0 +1,134 @@
+"""`nas run`: a tiny experiment end to end, stage caching by content, --from, resume after SIGKILL,
+and bad experiment files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from nas.cli import main
+from tests.fixtures.space import SPACES
+
+
+def tiny_experiment(tmp_path, **changes) -> dict:
+    space = yaml.safe_load((SPACES / "tiny.yaml").read_text())
+    space["baselines"] = [str(SPACES / rel) for rel in space["baselines"]]
+    space["proxy"].update(steps=6, report_every=3)
+    space["proxy"]["overrides"].update(val_items=8)
+    space["latency"] = {"device": "cpu", "batch": 1, "warmup": 0, "iters": 1}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    exp = {
+        "name": "tiny",
+        "data": {"shapes": {"n": 60, "size": 32, "seed": 0}, "evaluator": {"steps": 20, "train_images": 200}},
+        "vae": {"args": {"steps": 10, "batch": 8}},
+        "search": {"space": "space.yaml", "trials": 2},
+        "export": {"pick": "best"},
+        "train": {"config": "tiny", "max_steps": 6, "set": ["val_items=8", "batch_size=4", "checkpoint_every=3", "val_every=3"]},
+        "sample": {"prompts": ["a red circle on a white background"], "steps": 2, "n": 1},
+        "evaluate": {"steps": [2, 3], "n": 4},
+    }
+    exp.update(changes)
+    return exp
+
+
+def write(tmp_path, exp) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return str(path)
+
+
+def stage_states(results):
+    return {p.parent.name: json.loads(p.read_text()) for p in (results / "tiny").glob("*/stage.json")}
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end_and_cached_rerun(tmp_path, capsys):
+    results = tmp_path / "results"
+    path = write(tmp_path, tiny_experiment(tmp_path))
+    assert main(["run", path, "--results", str(results)]) == 0
+    summary = json.loads((results / "tiny" / "summary.json").read_text())
+    for key in ("alignment_accuracy_3_steps", "domain_fid_3_steps", "best_params", "best_macs", "best_latency_ms", "wall_seconds"):
+        assert key in summary
+    for name in ("pareto.png", "arch.yaml", "grid.png", "quality_vs_steps.png"):
+        assert (results / "tiny" / name).is_file()
+    first = stage_states(results)
+    assert all(s["done"] for s in first.values()) and len(first) == 9
+
+    capsys.readouterr()
+    assert main(["run", path, "--results", str(results)]) == 0  # nothing changed: every stage skipped
+    assert capsys.readouterr().out.count("skipped") == 9
+    assert stage_states(results) == first
+
+    changed = tiny_experiment(tmp_path)
+    changed["train"]["max_steps"] = 8  # train and what follows it must redo; earlier stages not
+    path = write(tmp_path, changed)
+    assert main(["run", path, "--results", str(results)]) == 0
+    after = stage_states(results)
+    for stage in ("data", "vae", "precompute", "search", "export"):
+        assert after[stage] == first[stage]
+    for stage in ("train", "sample", "evaluate", "report"):
+        assert after[stage]["fingerprint"] != first[stage]["fingerprint"]
+
+    assert main(["run", path, "--results", str(results), "--from", "sample"]) == 0
+    again = stage_states(results)
+    assert again["train"] == after["train"] and again["sample"]["updated"] >= after["sample"]["updated"]
+
+
+def test_dry_run_prints_the_plan(tmp_path, capsys):
+    path = write(tmp_path, tiny_experiment(tmp_path))
+    assert main(["run", path, "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("data", "vae", "precompute", "search", "export", "train", "sample", "evaluate", "report"):
+        assert f"\n{stage}" in "\n" + out
+    assert "nas search" in out and not (tmp_path / "r").exists()
+
+
+BAD = [
+    ("unknown key", {"colour": "red"}, "colour: unknown key"),
+    ("unknown stage key", {"train": {"config": "tiny", "epochs": 3}}, "train.epochs: unknown key"),
+    ("bad flag", {"vae": {"args": {"wings": 2}}}, "vae: "),
+    ("missing data", {"data": {"path": "no/such/folder"}}, None),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "needle"), BAD, ids=[b[0] for b in BAD])
+def test_bad_experiment_is_one_line_exit_2(tmp_path, capsys, case, change, needle):
+    path = write(tmp_path, tiny_experiment(tmp_path, **change))
+    code = main(["run", path, "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    if needle:
+        assert needle in err
+
+
+def test_unknown_from_stage(tmp_path, capsys):
+    path = write(tmp_path, tiny_experiment(tmp_path))
+    assert main(["run", path, "--from", "deploy", "--results", str(tmp_path / "r")]) == 2
+    assert "allowed: data, vae" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_without_redoing_finished_stages(tmp_path):
+    results = tmp_path / "results"
+    path = write(tmp_path, tiny_experiment(tmp_path, train={"config": "tiny", "max_steps": 60, "set": [
+        "val_items=8", "batch_size=4", "checkpoint_every=5", "val_every=20"]}))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "nas", "run", path, "--results", str(results)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((results / "tiny" / "train" / "run" / "checkpoints").glob("step_*")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = stage_states(results)
+    assert before["export"]["done"] and not before["train"]["done"]
+    subprocess.run(cmd, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    after = stage_states(results)
+    for stage in ("data", "vae", "precompute", "search", "export"):
+        assert after[stage] == before[stage]  # not redone
+    assert all(s["done"] for s in after.values())
