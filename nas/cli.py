@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vae": ("nas.commands.vae", "train a small AutoencoderKL for low-resolution data"),
     "precompute": ("nas.commands.precompute", "encode a dataset once into a resumable latent cache"),
     "sample": ("nas.commands.sample", "draw images from a trained run (PNG, JSON sidecars, grid)"),
-    "export-pipeline": ("nas.commands.export_pipeline", "write a run as a diffusers StableDiffusionPipeline folder"),
+    "export-pipeline": (
+        "nas.commands.export_pipeline",
+        "write a run as a diffusers StableDiffusionPipeline folder",
+    ),
     "eval": ("nas.commands.eval", "image quality against denoising steps (alignment, Frechet distance)"),
     "compare": ("nas.commands.compare", "blind side-by-side survey page of two runs; tally its votes"),
 }

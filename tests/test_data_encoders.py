@@ -149,4 +149,4 @@ def test_vae_train_on_2000_shapes_reaches_stated_quality(tmp_path):
     shapes.write(tmp_path / "shapes", n=2000)
     images = load_images(open_source(tmp_path / "shapes" / "train"), 32)[0]
     report = train_vae(images, tmp_path / "vae", VaeTrainConfig())
-    assert report["val_psnr_db"] >= 26.0
+    assert report["val_psnr_db"] >= 27.5  # measured 27.97 dB

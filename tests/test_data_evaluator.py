@@ -75,10 +75,12 @@ def test_short_training_learns_and_round_trips(tmp_path):
     evaluator, metrics = ev.train_evaluator(config)
     val_images, val_records = ev.generated(config.val_images, config, "validation")
     torch.manual_seed(config.seed)
-    untrained = ev.Evaluator(ev.ShapesClassifier(config), config).alignment(val_images, val_records)
+    untrained = ev.Evaluator(ev.ShapesClassifier(config), config).report(val_images, val_records)
     assert evaluator.alignment(val_images, val_records) == pytest.approx(metrics["val_alignment"])
-    assert metrics["val_alignment"] > 0.6 and untrained < 0.5  # 120 steps: colour, size, position
-    assert metrics["val_accuracy"]["background"] > 0.9  # chance 1/3; shapes need the full run
+    # 120 steps learn background, colour, size and where objects are (shapes need the full run).
+    assert metrics["val_alignment"] > untrained["alignment"] + 0.15
+    assert metrics["val_accuracy"]["background"] > 0.9  # chance 1/3
+    assert metrics["val_extra_objects"] < 0.5 < untrained["extra_objects"]
     ev.save_evaluator(evaluator, tmp_path / "eval")
     assert (
         json.loads((tmp_path / "eval" / ev.CONFIG).read_text())["metrics"]["val_alignment"]

@@ -28,7 +28,11 @@ def tiny_experiment(tmp_path, **changes) -> dict:
         "vae": {"args": {"steps": 10, "batch": 8}},
         "search": {"space": "space.yaml", "trials": 2},
         "export": {"pick": "best"},
-        "train": {"config": "tiny", "max_steps": 6, "set": ["val_items=8", "batch_size=4", "checkpoint_every=3", "val_every=3"]},
+        "train": {
+            "config": "tiny",
+            "max_steps": 6,
+            "set": ["val_items=8", "batch_size=4", "checkpoint_every=3", "val_every=3"],
+        },
         "sample": {"prompts": ["a red circle on a white background"], "steps": 2, "n": 1},
         "evaluate": {"steps": [2, 3], "n": 4},
     }
@@ -52,7 +56,14 @@ def test_tiny_experiment_end_to_end_and_cached_rerun(tmp_path, capsys):
     path = write(tmp_path, tiny_experiment(tmp_path))
     assert main(["run", path, "--results", str(results)]) == 0
     summary = json.loads((results / "tiny" / "summary.json").read_text())
-    for key in ("alignment_accuracy_3_steps", "domain_fid_3_steps", "best_params", "best_macs", "best_latency_ms", "wall_seconds"):
+    for key in (
+        "alignment_accuracy_3_steps",
+        "domain_fid_3_steps",
+        "best_params",
+        "best_macs",
+        "best_latency_ms",
+        "wall_seconds",
+    ):
         assert key in summary
     for name in ("pareto.png", "arch.yaml", "grid.png", "quality_vs_steps.png"):
         assert (results / "tiny" / name).is_file()
@@ -119,9 +130,13 @@ def test_sigkilled_run_resumes_without_redoing_finished_stages(tmp_path):
         "val_items=8", "batch_size=4", "checkpoint_every=5", "val_every=20"]}))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "nas", "run", path, "--results", str(results)]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and not list((results / "tiny" / "train" / "run" / "checkpoints").glob("step_*")):
+    while time.time() < deadline and not list(
+        (results / "tiny" / "train" / "run" / "checkpoints").glob("step_*")
+    ):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -55,6 +55,9 @@ def _atomic_json(path: Path, data: object) -> None:
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a shared cache should be readable
     with tmp.open("rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
