@@ -202,7 +202,9 @@ def train_vae(images: torch.Tensor, out: str | Path, config: VaeTrainConfig, **r
         loss = diff.pow(2).mean() + config.l1_weight * diff.abs().mean() + config.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # large early gradients otherwise spike the loss
+        torch.nn.utils.clip_grad_norm_(
+            vae.parameters(), 1.0
+        )  # large early gradients otherwise spike the loss
         optimizer.step()
         schedule.step()
         if step % 50 == 0:
