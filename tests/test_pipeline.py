@@ -147,3 +147,98 @@ def test_sigkilled_run_resumes_without_redoing_finished_stages(tmp_path):
     for stage in ("data", "vae", "precompute", "search", "export"):
         assert after[stage] == before[stage]  # not redone
     assert all(s["done"] for s in after.values())
+
+
+def with_variants(tmp_path, **changes) -> dict:
+    variants = {
+        "workers": 2,
+        "compare": {"baseline": "base", "candidate": "main", "match_steps": 3, "ablation_steps": 2},
+        "runs": [
+            {"name": "base", "arch": str(SPACES / "archs" / "tiny_stock.yaml"), "config": "tiny",
+             "set": ["val_items=8", "batch_size=4", "diffusion.schedule=scaled_linear", "diffusion.prediction=epsilon",
+                     "diffusion.zero_terminal_snr=false"], "eval": {"spacing": "leading"}},
+            {"name": "raw", "reuse": "main", "ablates": "EMA", "eval": {"weights": "raw", "steps": [2]}},
+        ],
+    }  # fmt: skip
+    variants.update(changes)
+    return tiny_experiment(tmp_path, variants=variants)
+
+
+BAD_VARIANTS = [
+    ("arch and reuse", {"runs": [{"name": "x", "arch": "searched", "reuse": "main"}]}, "exactly one of arch"),
+    ("reuse unknown", {"runs": [{"name": "x", "reuse": "nope"}]}, "reuse 'nope' is not a trained run"),
+    ("compare unknown", {"compare": {"baseline": "ghost"}}, "compare.baseline: unknown run 'ghost'"),
+    (
+        "duplicate",
+        {"runs": [{"name": "x", "reuse": "main"}, {"name": "x", "reuse": "main"}]},
+        "duplicate variant",
+    ),
+    ("bad weights", {"runs": [{"name": "x", "reuse": "main", "eval": {"weights": "best"}}]}, "weights"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "needle"), BAD_VARIANTS, ids=[b[0] for b in BAD_VARIANTS])
+def test_bad_variants_are_one_line_exit_2(tmp_path, capsys, case, change, needle):
+    path = write(tmp_path, with_variants(tmp_path, **change))
+    code = main(["run", path, "--results", str(tmp_path / "r"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert needle in err
+
+
+def test_variants_plan_trains_and_reuses(tmp_path, capsys):
+    path = write(tmp_path, with_variants(tmp_path))
+    assert main(["run", path, "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("\nvariants") : out.index("\nreport")]
+    assert block.count("nas train") == 1 and block.count("nas eval") == 2
+    assert "variants/base/run" in block and "--spacing leading" in block
+    assert "--weights raw" in block and "tiny/train/run" in block  # the reuse evaluates the main run
+
+
+MATCH = [  # candidate alignment by steps, baseline alignment at 50 -> fewest steps that match
+    ({10: 0.5, 30: 0.7, 50: 0.8}, 0.7, 30),
+    ({10: 0.5, 30: 0.69, 50: 0.8}, 0.7, 50),  # no tolerance: 0.69 < 0.70
+    ({10: 0.5, 30: 0.6, 50: 0.65}, 0.7, None),
+]
+
+
+@pytest.mark.parametrize(("cand", "target", "expected"), MATCH)
+def test_steps_to_match_is_strict(cand, target, expected):
+    from nas.pipeline.comparison import steps_to_match
+
+    candidate = {"quality": {s: {"alignment": a, "frechet_distance": 100 - 100 * a} for s, a in cand.items()}}
+    baseline = {"quality": {50: {"alignment": target, "frechet_distance": 100 - 100 * target}}}
+    assert steps_to_match(candidate, baseline, 50, "alignment") == expected
+    assert steps_to_match(candidate, baseline, 50, "frechet_distance") == expected
+
+
+@pytest.mark.slow
+def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
+    results = tmp_path / "results"
+    path = write(tmp_path, with_variants(tmp_path))
+    assert main(["run", path, "--results", str(results)]) == 0
+    root = results / "tiny"
+    comparison = json.loads((root / "variants" / "comparison.json").read_text())
+    assert set(comparison["runs"]) == {"main", "base", "raw"}
+    assert (
+        comparison["runs"]["raw"]["weights"] == "raw" and comparison["runs"]["base"]["spacing"] == "leading"
+    )
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["per_step_speedup"] > 0 and "steps_to_match_baseline_3" in summary
+    assert [a["ablates"] for a in comparison["ablations"]] == ["EMA"]
+    for name in ("comparison.md", "comparison.png"):
+        assert (root / name).is_file()
+    state = json.loads((root / "variants" / "state.json").read_text())
+    assert len(state["done"]) == 3
+    # An interrupted variants stage: forget one finished command; the rerun redoes only that one.
+    stage = json.loads((root / "variants" / "stage.json").read_text())
+    stage["done"] = False
+    (root / "variants" / "stage.json").write_text(json.dumps(stage))
+    key = next(k for k in state["done"] if "--weights raw" in k)
+    del state["done"][key]
+    (root / "variants" / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["run", path, "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "2/3 commands done before" in out and "variant raw: eval done" in out and "variant base" not in out

@@ -62,7 +62,17 @@ def test_best_is_lowest_proxy_loss_and_constraints_hold(finished_study):
     assert constrained.user_attrs["params"] <= cut
 
 
-@pytest.mark.parametrize("expr", ["latency_ms=<3", "speed<=3", "latency_ms<=fast"])
+def test_pick_relative_to_the_baseline(finished_study):
+    study = load_study("e", results=str(finished_study))
+    complete = [t for t in study.get_trials() if "proxy_loss" in t.user_attrs and t.state.name == "COMPLETE"]
+    base = next(t for t in complete if "baseline" in t.user_attrs)
+    smaller = [t for t in complete if t.user_attrs["params"] <= base.user_attrs["params"]]
+    picked = pick_trial(study, "params<=1*baseline")
+    assert picked.user_attrs["params"] <= base.user_attrs["params"]
+    assert picked.user_attrs["proxy_loss"] == min(t.user_attrs["proxy_loss"] for t in smaller)
+
+
+@pytest.mark.parametrize("expr", ["latency_ms=<3", "speed<=3", "latency_ms<=fast", "params<=2*baselines"])
 def test_bad_pick_expression(expr):
     with pytest.raises(NasError, match="cannot read"):
         parse_conditions(expr)

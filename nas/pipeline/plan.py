@@ -25,9 +25,21 @@ from pydantic import Field, model_validator
 
 from nas.config import Strict
 from nas.errors import NasError
+from nas.pipeline.variants import VariantsStage, plan_variants
 
-STAGES = ("data", "vae", "precompute", "search", "export", "train", "sample", "evaluate", "report")
-RESUMABLE = {"precompute", "search", "train"}  # rerun the same command to continue
+STAGES = (
+    "data",
+    "vae",
+    "precompute",
+    "search",
+    "export",
+    "train",
+    "sample",
+    "evaluate",
+    "variants",
+    "report",
+)
+RESUMABLE = {"precompute", "search", "train", "variants"}  # rerun the same command to continue
 
 
 class ShapesData(Strict):
@@ -101,6 +113,7 @@ class Experiment(Strict):
     train: TrainStage = TrainStage()
     sample: SampleStage = SampleStage()
     evaluate: EvaluateStage = EvaluateStage()
+    variants: VariantsStage | None = None  # more runs beside the main one, and their comparison
 
 
 @dataclass
@@ -110,6 +123,7 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)  # files whose content the stage reads
     depends: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    jobs: dict[str, list[list[str]]] = field(default_factory=dict)  # variants: commands per variant
 
 
 def _flags(args: dict[str, Any]) -> list[str]:
@@ -205,6 +219,12 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     if evaluator is not None:
         eval_cmd += ["--evaluator", str(evaluator)]
     stages.append(Stage("evaluate", [eval_cmd], depends=["train", "data"]))
+    if exp.variants is not None:
+        jobs = plan_variants(exp.variants, exp, lambda v: _relative(base, v), root, cache, evaluator)
+        files = [Path(_relative(base, p)) for v in exp.variants.runs for p in (v.arch, v.config)
+                 if p and p != "searched" and Path(_relative(base, p)).is_file()]  # fmt: skip
+        stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files,
+                            depends=["precompute", "export", "train", "evaluate"], jobs=jobs))  # fmt: skip
     stages.append(Stage("report", [["report", "--study", exp.name, "--results", str(folder["search"]), "--out", str(folder["report"])]],
                         depends=["search", "export", "train", "sample", "evaluate"]))  # fmt: skip
     for stage in stages:  # every command must parse now, not hours later

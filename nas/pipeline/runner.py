@@ -23,6 +23,9 @@ KEEP = {
     "grid.png": ("sample", "images/grid.png"),
     "quality_vs_steps.png": ("evaluate", "eval/quality_vs_steps.png"),
     "eval.json": ("evaluate", "eval/eval.json"),
+    "comparison.md": ("variants", "comparison.md"),
+    "comparison.png": ("variants", "comparison.png"),
+    "comparison.json": ("variants", "comparison.json"),
 }
 
 
@@ -56,7 +59,16 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
     tmp.replace(folder / "stage.json")
 
 
-def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool) -> None:
+def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Experiment) -> None:
+    if stage.name == "variants":
+        from nas.pipeline.comparison import compare, write_comparison
+        from nas.pipeline.variants import execute
+
+        execute(exp.variants, stage.jobs, folder)
+        print("variants: measuring U-Net latencies and comparing", flush=True)
+        write_comparison(compare(exp.variants, folder.parent), folder)
+        print((folder / "comparison.md").read_text(), flush=True)
+        return
     for argv in stage.commands:
         argv = list(argv)
         if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / "checkpoints").is_dir():
@@ -122,7 +134,7 @@ def run_experiment(
         _write_state(folder, stage, False, 0.0, previous)
         t0 = time.perf_counter()
         try:
-            _execute(stage, folder, exp_path, resume)
+            _execute(stage, folder, exp_path, resume, exp)
         except BaseException:
             _write_state(folder, stage, False, time.perf_counter() - t0, previous)
             raise
@@ -161,6 +173,9 @@ def write_summary(exp: Experiment, root: Path, timings: dict[str, float], sessio
             if "fid" in row:
                 summary[f"fid_{steps}_steps"] = row["fid"]
         summary["real_image_alignment"] = report.get("reference", {}).get("real_alignment")
+    comparison = root / "variants" / "comparison.json"
+    if comparison.is_file():
+        summary.update(json.loads(comparison.read_text()).get("compare", {}))
     for name, (stage, file) in KEEP.items():
         source = root / stage / file
         if source.is_file():

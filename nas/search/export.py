@@ -29,7 +29,8 @@ FIELDS = {
     "peak_memory_mb": "peak_memory_mb",
 }
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
-_CONDITION = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+0-9.eE]+)\s*$")
+# FIELD OP NUMBER, or FIELD OP NUMBER*baseline: relative to the (first) baseline trial's value
+_CONDITION = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|==|<|>)\s*([-+0-9.eE]+)\s*(\*\s*baseline)?\s*$")
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -50,17 +51,22 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return study.best_trials
 
 
-def parse_conditions(expr: str) -> list[tuple[str, Any, float]]:
-    """'latency_ms<=12, params<5e6' -> [(attr, op, value), ...] (NasError on a malformed part)."""
+def parse_conditions(expr: str) -> list[tuple[str, Any, float, bool]]:
+    """'latency_ms<=12, params<0.5*baseline' -> [(attr, op, value, relative), ...] (NasError on a
+    malformed part); relative values are multiples of the baseline trial's."""
     out = []
     for part in re.split(r",|\band\b", expr):
         match = _CONDITION.match(part)
         if not match or match.group(1) not in FIELDS:
             raise NasError(
-                f"--pick {expr!r}: cannot read {part.strip()!r} (use best, knee, or FIELD OP NUMBER with FIELD in"
+                f"--pick {expr!r}: cannot read {part.strip()!r} (use best, knee, or FIELD OP NUMBER[*baseline] with FIELD in"
                 f" {', '.join(FIELDS)} and OP in {', '.join(OPS)}, joined by ',')"
             )
-        out.append((FIELDS[match.group(1)], OPS[match.group(2)], float(match.group(3))))
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            raise NasError(f"--pick {expr!r}: {match.group(3)!r} is not a number") from None
+        out.append((FIELDS[match.group(1)], OPS[match.group(2)], value, bool(match.group(4))))
     return out
 
 
@@ -88,7 +94,16 @@ def pick_trial(study: optuna.Study, how: str = "best") -> FrozenTrial:
         return min(trials, key=lambda t: t.user_attrs["proxy_loss"])
     if how == "knee":
         return _knee(study, pareto_front(study))
-    conditions = parse_conditions(how)
+    conditions = []
+    for attr, op, value, relative in parse_conditions(how):
+        if relative:
+            base = [t for t in trials if "baseline" in t.user_attrs and attr in t.user_attrs]
+            if not base:
+                raise NasError(
+                    f"--pick {how!r}: '*baseline' needs a completed baseline trial (baselines: in the space)"
+                )
+            value *= min(base, key=lambda t: t.number).user_attrs[attr]
+        conditions.append((attr, op, value))
     ok = [
         t
         for t in trials

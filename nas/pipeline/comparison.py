@@ -1,0 +1,203 @@
+"""The comparison of the `variants` stage: one table of every run's cost and quality against steps,
+the seed's three figures (per-step speedup, steps to match the baseline, combined speedup) and the
+ablation table. Writes variants/comparison.{json,md,png}.
+
+Matching is strict and on the figures as measured: the candidate matches the baseline at the
+fewest evaluated steps whose alignment is at least the baseline's at `match_steps` (and, reported
+separately, whose Frechet distance is at most the baseline's). No tolerance is applied, and a step
+count that was not evaluated cannot be the answer, so a coarse step grid rounds against the
+candidate, never in its favour.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from nas.config import read_yaml
+from nas.pipeline.variants import MAIN, VariantsStage, eval_folder, run_folder
+
+LATENCY_BATCH = 2  # classifier-free guidance: conditional + unconditional in one U-Net call
+LATENCY_ROUNDS = 5  # interleaved rounds (baseline, candidate, baseline, ...): drift hits both alike
+LATENCY_ITERS = 10  # timed forwards per round
+
+
+def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
+    """A run's recipe and quality; `source` is the trained run it evaluates (itself unless reused)."""
+    run = run_folder(root, source)
+    config = read_yaml(run / "config.yaml")
+    report = json.loads((eval_folder(root, name) / "eval.json").read_text())
+    return {
+        "run": str(run),
+        "arch_file": str(run / "arch.yaml"),
+        "recipe": config.get("name"),
+        "diffusion": config.get("diffusion"),
+        "ema": config.get("ema"),
+        "max_steps": config.get("max_steps"),
+        "weights": report["weights"],
+        "spacing": report["timestep_spacing"],
+        "quality": {
+            row["steps"]: {
+                k: row[k] for k in ("alignment", "frechet_distance", "chance_alignment") if k in row
+            }
+            for row in report["results"]
+        },
+        "reference": report.get("reference", {}),
+        "images": report["images"],
+    }
+
+
+def measure_latencies(arch_files: dict[str, str]) -> dict[str, float]:
+    """Median U-Net forward latency (ms, batch 2, fp32, this machine) per distinct architecture,
+    interleaved rounds so that the ratio between them is robust to load changes."""
+    import torch
+
+    from nas.cost import measure_latency
+    from nas.space import build_unet, load_arch
+
+    archs = {name: load_arch(path) for name, path in arch_files.items()}
+    models = {name: build_unet(arch).eval() for name, arch in archs.items()}
+    times: dict[str, list[float]] = {name: [] for name in archs}
+    with torch.inference_mode():
+        for _ in range(LATENCY_ROUNDS):
+            for name, model in models.items():
+                lat = measure_latency(model, archs[name], batch=LATENCY_BATCH, warmup=2, iters=LATENCY_ITERS)
+                times[name].append(lat.latency_ms_p50)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def steps_to_match(candidate: dict, baseline: dict, match_steps: int, metric: str) -> int | None:
+    """Fewest evaluated steps at which the candidate is at least as good as the baseline at match_steps."""
+    target = baseline["quality"][match_steps][metric]
+    for steps in sorted(candidate["quality"]):
+        value = candidate["quality"][steps][metric]
+        if (value >= target) if metric == "alignment" else (value <= target):
+            return steps
+    return None
+
+
+def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
+    from nas.cost import arch_cost
+    from nas.space import load_arch
+
+    names = [MAIN] + [v.name for v in stage.runs]
+    labels = {MAIN: "main (searched, train stage)"} | {v.name: v.label or v.name for v in stage.runs}
+    source = {v.name: v.reuse or v.name for v in stage.runs} | {MAIN: MAIN}
+    runs = {name: _run_info(root, name, source[name]) for name in names}
+    trained = [name for name in names if source[name] == name]
+    latency = measure_latencies({name: runs[name]["arch_file"] for name in trained})
+    for name in names:
+        src = source[name]
+        cost = arch_cost(load_arch(runs[src]["arch_file"]))
+        runs[name].update(
+            label=labels[name], params=cost["params"], macs=cost["macs"], latency_ms=latency[src]
+        )
+    result: dict[str, Any] = {"latency": {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "iters": LATENCY_ITERS,
+                                          "unit": "ms, median U-Net forward, fp32, this machine"},
+                              "runs": runs}  # fmt: skip
+    c = stage.compare
+    if c is not None:
+        base, cand = runs[c.baseline], runs[c.candidate]
+        if c.match_steps not in base["quality"]:
+            raise ValueError(f"compare.match_steps {c.match_steps} was not evaluated for {c.baseline}")
+        per_step = base["latency_ms"] / cand["latency_ms"]
+        match = steps_to_match(cand, base, c.match_steps, "alignment")
+        match_fd = steps_to_match(cand, base, c.match_steps, "frechet_distance")
+        result["compare"] = {
+            "baseline": c.baseline,
+            "candidate": c.candidate,
+            "match_steps": c.match_steps,
+            "per_step_speedup": per_step,
+            f"steps_to_match_baseline_{c.match_steps}": match,
+            f"steps_to_match_baseline_{c.match_steps}_fd": match_fd,
+            "combined_speedup": per_step * c.match_steps / match if match else None,
+            "combined_speedup_fd": per_step * c.match_steps / match_fd if match_fd else None,
+            "params_ratio": cand["params"] / base["params"],
+            "macs_ratio": cand["macs"] / base["macs"],
+        }
+        ablations = []
+        ref = cand["quality"].get(c.ablation_steps)
+        for v in stage.runs:
+            row = runs[v.name]["quality"].get(c.ablation_steps)
+            if v.ablates and ref and row:
+                ablations.append({"ablates": v.ablates, "run": v.name, "steps": c.ablation_steps,
+                                  "alignment": row["alignment"], "d_alignment": row["alignment"] - ref["alignment"],
+                                  "frechet_distance": row["frechet_distance"],
+                                  "d_frechet_distance": row["frechet_distance"] - ref["frechet_distance"]})  # fmt: skip
+        result["ablations"] = ablations
+    return result
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_comparison(result: dict[str, Any], folder: Path) -> None:
+    (folder / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs = result["runs"]
+    steps = sorted({s for r in runs.values() for s in r["quality"]})
+    lines = ["| run | recipe | sampling | params | GMACs | latency ms | " + " | ".join(f"align@{s}" for s in steps)
+             + " | " + " | ".join(f"FD@{s}" for s in steps) + " |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * (2 * len(steps))]  # fmt: skip
+    for r in runs.values():
+        q = r["quality"]
+        lines.append(
+            f"| {r['label']} | {r['recipe']} | {r['spacing']}, {r['weights']} | {r['params'] / 1e6:.2f}M | "
+            f"{r['macs'] / 1e9:.3f} | {r['latency_ms']:.1f} | "
+            + " | ".join(_fmt(q.get(s, {}).get("alignment"), ".3f") for s in steps)
+            + " | "
+            + " | ".join(_fmt(q.get(s, {}).get("frechet_distance"), ".0f") for s in steps)
+            + " |"
+        )
+    if "compare" in result:
+        c = result["compare"]
+        m = c["match_steps"]
+        lines += ["", f"Baseline `{c['baseline']}`, candidate `{c['candidate']}`:", "",
+                  f"- per-step speedup (U-Net latency ratio): **{c['per_step_speedup']:.2f}x**; params x{c['params_ratio']:.2f}, MACs x{c['macs_ratio']:.2f}",
+                  f"- steps for the candidate to match the baseline's alignment at {m} steps: **{_fmt(c[f'steps_to_match_baseline_{m}'], 'd')}** "
+                  f"(Frechet distance: {_fmt(c[f'steps_to_match_baseline_{m}_fd'], 'd')})",
+                  f"- combined speedup to equal quality: **{_fmt(c['combined_speedup'], '.2f')}x** "
+                  f"(on Frechet distance: {_fmt(c['combined_speedup_fd'], '.2f')}x)"]  # fmt: skip
+    if result.get("ablations"):
+        lines += [
+            "",
+            "| switched off | run | alignment | change | Frechet distance | change |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for a in result["ablations"]:
+            lines.append(f"| {a['ablates']} | {a['run']} | {a['alignment']:.3f} | {a['d_alignment']:+.3f} | "
+                         f"{a['frechet_distance']:.0f} | {a['d_frechet_distance']:+.0f} |")  # fmt: skip
+    (folder / "comparison.md").write_text("\n".join(lines) + "\n")
+    _plot(result, folder / "comparison.png")
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for r in result["runs"].values():
+        steps = sorted(r["quality"])
+        if len(steps) < 2:
+            continue  # ablations evaluated at one step count: see the table
+        left.plot(steps, [r["quality"][s]["alignment"] for s in steps], "o-", label=r["label"])
+        right.plot(steps, [r["quality"][s]["frechet_distance"] for s in steps], "o-", label=r["label"])
+    ref = next(iter(result["runs"].values()))["reference"]
+    if "real_alignment" in ref:
+        left.axhline(ref["real_alignment"], color="gray", ls=":", label="real images")
+        left.axhline(ref["vae_alignment"], color="tab:green", ls="-.", label="real through the VAE")
+    if "fd_real_floor" in ref:
+        right.axhline(ref["fd_real_floor"], color="gray", ls=":", label="real vs real (floor)")
+    left.set_ylabel("prompt alignment")
+    right.set_ylabel("Frechet distance (evaluator features)")
+    for ax in (left, right):
+        ax.set_xlabel("denoising steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

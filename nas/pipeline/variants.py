@@ -1,0 +1,228 @@
+"""The `variants` stage of `nas run`: more runs trained and evaluated beside the main one, side by
+side on the same cache, evaluator, prompts and seeds, and the comparison the seed's claims need.
+
+A variant trains an architecture (`searched`: the exported one; or a YAML file) with a recipe, or
+re-evaluates an already trained run (`reuse: main` or another variant) with other sampling settings
+(e.g. leading timesteps, raw instead of EMA weights). `compare` names a baseline and a candidate and
+reports: per-step U-Net latency ratio (measured here, both models interleaved, nothing else
+running), the fewest steps at which the candidate matches the baseline's quality at `match_steps`,
+their product (the combined speedup), and an ablation table (variants marked `ablates: ELEMENT`
+against the candidate at `ablation_steps`).
+
+Variants run as `nas` subprocesses, `workers` at a time, each with cores / workers torch threads;
+every finished command is recorded in `variants/state.json`, so a killed stage resumes (a training
+from its last checkpoint) without redoing finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from nas.config import Strict
+from nas.errors import NasError
+
+MAIN = "main"  # the experiment's own train + evaluate stages
+SEARCHED = "searched"  # the exported architecture
+
+
+class VariantEval(Strict):
+    steps: list[int] | None = None  # default: the evaluate stage's step counts
+    n: int | None = Field(None, ge=2)  # default: the evaluate stage's n
+    spacing: Literal["trailing", "leading", "linspace"] | None = None  # default: nas eval's (trailing)
+    weights: Literal["auto", "ema", "raw"] = "auto"  # raw: the EMA ablation
+
+
+class Variant(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    label: str = ""  # for tables and plots; default: the name
+    arch: str | None = None  # "searched" or an architecture YAML (relative to the experiment file)
+    config: str | None = None  # train preset or config YAML; default: the train stage's
+    max_steps: int | None = Field(None, ge=1)  # default: the train stage's
+    set: list[str] = []  # `nas train --set` overrides, e.g. ["diffusion.min_snr_gamma=null"]
+    reuse: str | None = None  # evaluate this trained run instead of training: "main" or a variant
+    eval: VariantEval = VariantEval()
+    ablates: str | None = None  # recipe element this variant switches off (ablation table)
+
+    @model_validator(mode="after")
+    def _train_or_reuse(self) -> Variant:
+        if self.name == MAIN:
+            raise ValueError(f"name {MAIN!r} is the main run's")
+        if (self.reuse is None) == (self.arch is None):
+            raise ValueError(
+                f"variant {self.name}: give exactly one of arch (train) or reuse (evaluate a run)"
+            )
+        if self.reuse is not None and (self.config or self.set or self.max_steps):
+            raise ValueError(
+                f"variant {self.name}: reuse evaluates a trained run; config/set/max_steps not allowed"
+            )
+        return self
+
+
+class Compare(Strict):
+    baseline: str  # a variant name (or "main")
+    candidate: str = MAIN
+    match_steps: int = Field(50, ge=1)  # the baseline's step count the candidate must match
+    ablation_steps: int = Field(30, ge=1)  # step count of the ablation table (the seed's 30)
+
+
+class VariantsStage(Strict):
+    workers: int = Field(1, ge=1)  # variants trained / evaluated at once
+    runs: list[Variant] = Field(min_length=1)
+    compare: Compare | None = None
+
+    @model_validator(mode="after")
+    def _names(self) -> VariantsStage:
+        names = [v.name for v in self.runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate variant names: {', '.join(dup)}")
+        known = {MAIN, *names}
+        trained = {MAIN} | {v.name for v in self.runs if v.reuse is None}
+        for v in self.runs:
+            if v.reuse is not None and v.reuse not in trained:
+                raise ValueError(
+                    f"variant {v.name}: reuse {v.reuse!r} is not a trained run ({', '.join(sorted(trained))})"
+                )
+        if self.compare is not None:
+            for role in ("baseline", "candidate"):
+                if getattr(self.compare, role) not in known:
+                    raise ValueError(
+                        f"compare.{role}: unknown run {getattr(self.compare, role)!r} ({', '.join(sorted(known))})"
+                    )
+        return self
+
+
+def run_folder(root: Path, name: str) -> Path:
+    """Folder of a trained run: the main one, or variants/<name>/run."""
+    return root / "train" / "run" if name == MAIN else root / "variants" / name / "run"
+
+
+def eval_folder(root: Path, name: str) -> Path:
+    return root / "evaluate" / "eval" if name == MAIN else root / "variants" / name / "eval"
+
+
+def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, evaluator: Path | None):
+    """{variant: [train argv?, eval argv]} as `nas` argv lists; `resolve` makes paths absolute."""
+    jobs: dict[str, list[list[str]]] = {}
+    searched = root / "export" / "arch.yaml"
+    for v in stage.runs:
+        cmds = []
+        if v.reuse is None:
+            arch = searched if v.arch == SEARCHED else resolve(v.arch)
+            steps = v.max_steps or exp.train.max_steps
+            cmd = ["train", resolve(v.config or exp.train.config), "--arch", str(arch), "--cache", str(cache),
+                   "--out", str(run_folder(root, v.name)), "--quiet"]  # fmt: skip
+            if steps:
+                cmd += ["--max-steps", str(steps)]
+            sets = [*exp.train.set, *v.set] if v.config is None else list(v.set)
+            if sets:
+                cmd += ["--set", *sets]
+            cmds.append(cmd)
+        e = v.eval
+        steps_list = e.steps or exp.evaluate.steps
+        cmd = ["eval", str(run_folder(root, v.reuse or v.name)), "--steps", ",".join(map(str, steps_list)),
+               "--n", str(e.n or exp.evaluate.n), "--out", str(eval_folder(root, v.name)), "--weights", e.weights,
+               "--quiet"]  # fmt: skip
+        if e.spacing:
+            cmd += ["--spacing", e.spacing]
+        if evaluator is not None:
+            cmd += ["--evaluator", str(evaluator)]
+        cmds.append(cmd)
+        jobs[v.name] = cmds
+    return jobs
+
+
+# ---- execution ---------------------------------------------------------------------------------
+
+
+def _key(argv: list[str]) -> str:
+    return " ".join(argv)
+
+
+def _load_state(folder: Path) -> dict:
+    path = folder / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {"done": {}}
+
+
+def _save_state(folder: Path, state: dict) -> None:
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(folder / "state.json")
+
+
+def _prepare(argv: list[str]) -> list[str]:
+    """Resume a training that left checkpoints; clear an evaluation that did not finish."""
+    argv = list(argv)
+    out = Path(argv[argv.index("--out") + 1])
+    if argv[0] == "train" and (out / "checkpoints").is_dir():
+        argv.append("--resume")
+    elif argv[0] == "eval" and out.exists():
+        shutil.rmtree(out)
+    return argv
+
+
+def execute(stage: VariantsStage, jobs: dict[str, list[list[str]]], folder: Path) -> None:
+    """Run every job's commands in order, `workers` jobs at a time; reused runs wait for their training."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _load_state(folder)
+    threads = max(1, (os.cpu_count() or 1) // stage.workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    waits = {v.name: v.reuse for v in stage.runs}
+    pending = {name: [c for c in cmds if _key(c) not in state["done"]] for name, cmds in jobs.items()}
+    finished = {name for name, cmds in pending.items() if not cmds}
+    running: dict[str, tuple[subprocess.Popen, list[str], float]] = {}
+    total = sum(len(c) for c in jobs.values())
+    print(f"variants: {len(jobs)} runs, {total - sum(map(len, pending.values()))}/{total} commands done before; "
+          f"{stage.workers} at a time, {threads} threads each; logs in {folder}/<name>/log.txt", flush=True)  # fmt: skip
+    try:
+        while len(finished) < len(jobs):
+            for name, cmds in pending.items():
+                if len(running) >= stage.workers:
+                    break
+                source = waits.get(name)
+                ready = source in (None, MAIN) or source in finished
+                if name in running or name in finished or not ready:
+                    continue
+                argv = _prepare(cmds[0])
+                (folder / name).mkdir(parents=True, exist_ok=True)
+                with open(folder / name / "log.txt", "a") as log:
+                    log.write(f"$ nas {_key(argv)}\n")
+                    log.flush()
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "nas", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+                    )
+                running[name] = (proc, cmds[0], time.perf_counter())
+            if not running:
+                blocked = sorted(set(jobs) - finished)
+                raise NasError(f"variants: cannot start {', '.join(blocked)} (their reused run failed?)")
+            time.sleep(0.5)
+            for name, (proc, argv, t0) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                seconds = time.perf_counter() - t0
+                if code:
+                    tail = (folder / name / "log.txt").read_text().strip().splitlines()[-1:]
+                    raise NasError(f"variant {name}: `nas {argv[0]}` exited with {code}: {' '.join(tail)} "
+                                   f"(log: {folder / name / 'log.txt'})")  # fmt: skip
+                state["done"][_key(argv)] = round(seconds, 1)
+                _save_state(folder, state)
+                pending[name].pop(0)
+                print(f"variant {name}: {argv[0]} done in {seconds:.0f} s", flush=True)
+                if not pending[name]:
+                    finished.add(name)
+    finally:
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, _ in running.values():
+            proc.wait()
