@@ -7,7 +7,8 @@ baselines a proxy must beat (ZiCo 2023): #params and MACs, ranked against the sa
 (negated: bigger is expected to be better), and the zero-cost proxies of nas/proxies.py.
 
     python experiments/proxy_fidelity.py --space search_spaces/quickstart.yaml \
-        --cache results/quickstart/precompute/cache --k 8 --factor 5 --out results/proxy_fidelity
+        --cache results/quickstart/precompute/cache --k 10 --factor 6 --out results/proxy_fidelity
+    python experiments/proxy_fidelity.py --from-rows   # report and plot again from rows.json
 """
 
 from __future__ import annotations
@@ -61,12 +62,25 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--space", default="search_spaces/quickstart.yaml")
-    parser.add_argument("--cache", required=True)
+    parser.add_argument("--cache", help="latent cache (`nas precompute`); required unless --from-rows")
     parser.add_argument("--k", type=int, default=8, help="architectures (>= 8)")
     parser.add_argument("--factor", type=int, default=5, help="long budget = factor x proxy steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/proxy_fidelity")
+    parser.add_argument(
+        "--from-rows", action="store_true", help="no training: rebuild the report and plot from OUT/rows.json"
+    )
     args = parser.parse_args()
+    if args.from_rows:
+        out = Path(args.out)
+        rows = json.loads((out / "rows.json").read_text())
+        previous = json.loads((out / "fidelity.json").read_text())
+        args.factor = previous["long_steps"] // previous["proxy_steps"]
+        args.space, args.cache = previous["space"], previous["cache"]
+        report(rows, args, out, previous["proxy_steps"], previous["wall_seconds"], previous["torch_threads"])
+        return
+    if not args.cache:
+        parser.error("--cache is required (unless --from-rows)")
 
     space = load_space(args.space)
     cache = open_cache(args.cache)
@@ -99,7 +113,35 @@ def main() -> None:
         row["long_seconds"] = time.perf_counter() - t0
         rows.append(row)
         (out / "rows.json").write_text(json.dumps(rows, indent=2))
+    report(rows, args, out, steps, time.perf_counter() - started, torch.get_num_threads())
 
+
+def plot(rows: list[dict], steps: int, long_steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = [r["long_loss"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    for ax, key, label in zip(
+        axes,
+        ("proxy_loss", "macs", "zero_cost_synflow"),
+        (f"proxy validation loss ({steps} steps)", "MACs per forward", "zero-cost synflow score"),
+    ):
+        ax.scatter([r[key] for r in rows], long, color="tab:blue")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"validation loss after {long_steps} steps")
+        ax.grid(alpha=0.3)
+        if key == "macs":
+            ax.set_xscale("log")
+    fig.suptitle("Does the short score rank architectures as longer training does? (lower loss = better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(rows: list[dict], args, out: Path, steps: int, wall_seconds: float, threads: int) -> None:
     long = [r["long_loss"] for r in rows]
     # Lower loss is better; for size and zero-cost scores, larger is expected to be better.
     result = {
@@ -108,8 +150,8 @@ def main() -> None:
         "k": len(rows),
         "proxy_steps": steps,
         "long_steps": steps * args.factor,
-        "torch_threads": torch.get_num_threads(),
-        "wall_seconds": time.perf_counter() - started,
+        "torch_threads": threads,
+        "wall_seconds": wall_seconds,
         "proxy_loss_vs_long": correlations([r["proxy_loss"] for r in rows], long),
         "neg_params_vs_long": correlations([-r["params"] for r in rows], long),
         "neg_macs_vs_long": correlations([-r["macs"] for r in rows], long),
@@ -141,6 +183,7 @@ def main() -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
     for i, row in enumerate(rows):
         dump_yaml(row["arch"], out / "archs" / f"arch{i}.yaml")
+    plot(rows, steps, steps * args.factor, out / "fidelity.png")
     print("\n".join(lines))
 
 
