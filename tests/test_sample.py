@@ -144,7 +144,10 @@ def test_nas_sample_writes_images_sidecars_and_grid(sample_world, tmp_path, caps
     )
     assert first["timestep_spacing"] == "trailing" and len(first["model_sha256"]) == 64
     assert Image.open(pngs[0]).size == (32, 32)
-    assert Image.open(out / "grid.png").size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows, 2 px borders
+    # 3 columns, 2 rows, 2 px borders; 32 px images enlarged x3 to readable 96 px cells
+    assert Image.open(out / "grid.png").size == (3 * 98 + 2, 2 * 98 + 2)
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert (grid[2:98, 2:98] == np.asarray(Image.open(pngs[0])).repeat(3, 0).repeat(3, 1)).all()
     assert "wrote 6 images" in capsys.readouterr().out
 
 

@@ -127,8 +127,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, 3] tiled row by row, `columns` wide, with a white border."""
+def image_grid(images: np.ndarray, columns: int, pad: int = 2, min_cell: int = 96) -> np.ndarray:
+    """uint8 [N, H, W, 3] tiled row by row, `columns` wide, with a white border; images smaller than
+    `min_cell` pixels are enlarged by a whole factor (nearest neighbour: no invented detail), so a
+    grid of 32 px samples is readable. The single PNGs keep the model's resolution."""
+    scale = max(1, math.ceil(min_cell / max(images.shape[1], 1)))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     count, h, w, _ = images.shape
     rows = math.ceil(count / columns)
     grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
