@@ -139,6 +139,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "model_class": class_name,
         "params": a.get("params"),
         "macs": a.get("macs"),
+        "batch": a.get("batch"),  # of the MACs and latency figures (the space's latency batch)
         "attention_macs": a.get("attention_macs"),
         "latency_ms_p50": a.get("latency_ms_p50"),
         "latency_ms_p90": a.get("latency_ms_p90"),
@@ -147,6 +148,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (out / "card.json").write_text(json.dumps(card, indent=2))
+    per_batch = f" of {card['batch']} latents" if card["batch"] else ""
     lines = [
         f"# {arch.name}",
         "",
@@ -158,7 +160,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "|---|---:|",
         f"| model class | `{class_name}` |",
         f"| parameters | {card['params']:,} |",
-        f"| MACs per forward (attention included) | {card['macs']:,} |",
+        f"| MACs per forward{per_batch} (attention included) | {card['macs']:,} |",
         f"| attention MACs | {card['attention_macs']:,} |",
         f"| latency p50 / p90 | {card['latency_ms_p50']:.2f} / {card['latency_ms_p90']:.2f} ms |",
         f"| proxy validation loss | {card['proxy_loss']:.5f} |",
