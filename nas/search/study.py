@@ -100,12 +100,18 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )
-    try:
-        return RDBStorage(url, **beat)
-    except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
-        raise NasError(
-            f"storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, **beat)
+        except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
+            # Two processes creating a new storage at once (workers, a dashboard): the loser's
+            # schema insert collides; the schema exists a moment later, so try again.
+            if "IntegrityError" in type(exc).__name__ and attempt < 4:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise NasError(
+                f"storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
 
 
 def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.Study:
