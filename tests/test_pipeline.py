@@ -174,7 +174,11 @@ BAD_VARIANTS = [
         "duplicate variant",
     ),
     ("bad weights", {"runs": [{"name": "x", "reuse": "main", "eval": {"weights": "best"}}]}, "weights"),
-]
+    ("match steps not evaluated", {"compare": {"baseline": "main", "match_steps": 50}},
+     "compare.match_steps 50 is not among the step counts evaluated for main (2, 3)"),
+    ("ablation steps not evaluated", {"compare": {"baseline": "main", "match_steps": 3, "ablation_steps": 3}},
+     "compare.ablation_steps 3 is not among the step counts evaluated for raw (2)"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("case", "change", "needle"), BAD_VARIANTS, ids=[b[0] for b in BAD_VARIANTS])

@@ -38,12 +38,11 @@ def run(args) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nas.config import validate
     from nas.data.encoders import VaeTrainConfig
+    from nas.errors import NasError
 
     try:
         channels = tuple(int(c) for c in str(args.channels).split(",") if c.strip())
     except ValueError:
-        from nas.errors import NasError
-
         raise NasError(
             f"--channels {args.channels!r}: expected comma-separated integers, e.g. 32,32,64"
         ) from None

@@ -88,20 +88,18 @@ def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
     runs = {name: _run_info(root, name, source[name]) for name in names}
     trained = [name for name in names if source[name] == name]
     latency = measure_latencies({name: runs[name]["arch_file"] for name in trained})
+    costs = {name: arch_cost(load_arch(runs[name]["arch_file"])) for name in trained}  # once per model
     for name in names:
-        src = source[name]
-        cost = arch_cost(load_arch(runs[src]["arch_file"]))
+        cost = costs[source[name]]
         runs[name].update(
-            label=labels[name], params=cost["params"], macs=cost["macs"], latency_ms=latency[src]
+            label=labels[name], params=cost["params"], macs=cost["macs"], latency_ms=latency[source[name]]
         )
     result: dict[str, Any] = {"latency": {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "iters": LATENCY_ITERS,
                                           "unit": "ms, median U-Net forward, fp32, this machine"},
                               "runs": runs}  # fmt: skip
     c = stage.compare
     if c is not None:
-        base, cand = runs[c.baseline], runs[c.candidate]
-        if c.match_steps not in base["quality"]:
-            raise ValueError(f"compare.match_steps {c.match_steps} was not evaluated for {c.baseline}")
+        base, cand = runs[c.baseline], runs[c.candidate]  # steps checked by check_compare_steps
         per_step = base["latency_ms"] / cand["latency_ms"]
         match = steps_to_match(cand, base, c.match_steps, "alignment")
         match_fd = steps_to_match(cand, base, c.match_steps, "frechet_distance")

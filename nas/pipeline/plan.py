@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from nas.config import Strict
 from nas.errors import NasError
-from nas.pipeline.variants import VariantsStage, plan_variants
+from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
 
 STAGES = (
     "data",
@@ -222,7 +222,7 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     if exp.variants is not None:
         jobs = plan_variants(exp.variants, exp, lambda v: _relative(base, v), root, cache, evaluator)
         files = [Path(_relative(base, p)) for v in exp.variants.runs for p in (v.arch, v.config)
-                 if p and p != "searched" and Path(_relative(base, p)).is_file()]  # fmt: skip
+                 if p and p != SEARCHED and Path(_relative(base, p)).is_file()]  # fmt: skip
         stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files,
                             depends=["precompute", "export", "train", "evaluate"], jobs=jobs))  # fmt: skip
     stages.append(Stage("report", [["report", "--study", exp.name, "--results", str(folder["search"]), "--out", str(folder["report"])]],

@@ -110,8 +110,27 @@ def eval_folder(root: Path, name: str) -> Path:
     return root / "evaluate" / "eval" if name == MAIN else root / "variants" / name / "eval"
 
 
+def check_compare_steps(stage: VariantsStage, main_steps: list[int]) -> None:
+    """The step counts `compare` reads must be evaluated: say so now, not after hours of training."""
+    c = stage.compare
+    if c is None:
+        return
+    steps = {MAIN: main_steps} | {v.name: v.eval.steps or main_steps for v in stage.runs}
+    needs = [(c.baseline, c.match_steps, "compare.match_steps")]
+    if any(v.ablates for v in stage.runs):
+        needs.append((c.candidate, c.ablation_steps, "compare.ablation_steps"))
+        needs += [(v.name, c.ablation_steps, "compare.ablation_steps") for v in stage.runs if v.ablates]
+    for name, count, key in needs:
+        if count not in steps[name]:
+            raise NasError(
+                f"variants: {key} {count} is not among the step counts evaluated for {name} "
+                f"({', '.join(map(str, steps[name]))})"
+            )
+
+
 def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, evaluator: Path | None):
     """{variant: [train argv?, eval argv]} as `nas` argv lists; `resolve` makes paths absolute."""
+    check_compare_steps(stage, exp.evaluate.steps)
     jobs: dict[str, list[list[str]]] = {}
     searched = root / "export" / "arch.yaml"
     for v in stage.runs:

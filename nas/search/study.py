@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError
 
 from nas.config import dump_yaml
 from nas.errors import NasError
@@ -106,7 +107,7 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
         except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
             # Two processes creating a new storage at once (workers, a dashboard): the loser's
             # schema insert collides; the schema exists a moment later, so try again.
-            if "IntegrityError" in type(exc).__name__ and attempt < 4:
+            if isinstance(exc, IntegrityError) and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise NasError(
