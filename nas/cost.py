@@ -14,9 +14,11 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,9 +108,60 @@ class Latency:
     iters: int
     channels_last: bool
     compiled: bool
+    other_cores_busy: float = 0.0  # CPU cores other processes kept busy while timing (CPU only)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Other processes' load above this many cores during a CPU measurement triggers a LoadWarning: on
+# 2 cores, a training job beside the timing inflated latencies 2-3x (README, "latency under contention").
+BUSY_CORES_WARN = 0.5
+
+
+class LoadWarning(UserWarning):
+    """A CPU latency was measured while other processes were busy; it is likely inflated."""
+
+
+class OtherLoad:
+    """Context manager: CPU cores that processes other than this one kept busy while the block ran
+    (system-wide busy CPU time minus this process's, over wall time; psutil, any OS)."""
+
+    _BUSY = ("user", "nice", "system", "irq", "softirq", "steal")  # guest time is already in user
+
+    def _system_busy(self) -> float:
+        times = psutil.cpu_times()
+        return sum(getattr(times, field, 0.0) for field in self._BUSY)
+
+    def _own(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+    def __enter__(self) -> OtherLoad:
+        self._process = psutil.Process()
+        self._start = (time.perf_counter(), self._system_busy(), self._own())
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        wall = time.perf_counter() - wall0
+        other = (self._system_busy() - busy0) - (self._own() - own0)
+        self.cores = max(0.0, other / wall) if wall > 0 else 0.0
+
+
+_warned: list[bool] = []  # one warning per process: a search measures every trial
+
+
+def warn_if_loaded(cores: float, what: str = "latency") -> None:
+    if cores > BUSY_CORES_WARN and not _warned:
+        _warned.append(True)
+        warnings.warn(
+            f"{what} measured while other processes kept {cores:.1f} of {psutil.cpu_count()} CPU cores busy; "
+            "CPU latencies under contention read 2-3x high, measure on a quiet machine",
+            LoadWarning,
+            stacklevel=3,
+        )
 
 
 def _peak_rss_mb() -> float:
@@ -142,7 +195,7 @@ def measure_latency(
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), OtherLoad() as load:
         for _ in range(warmup):
             run(*inputs)
         for _ in range(iters):
@@ -158,6 +211,8 @@ def measure_latency(
                 run(*inputs)
                 times.append((time.perf_counter() - t0) * 1000)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_rss_mb()
+    if not cuda:
+        warn_if_loaded(load.cores)
     times.sort()
     p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return Latency(
@@ -170,6 +225,7 @@ def measure_latency(
         iters=iters,
         channels_last=channels_last,
         compiled=compile,
+        other_cores_busy=0.0 if cuda else round(load.cores, 2),
     )
 
 

@@ -49,9 +49,10 @@ def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
     }
 
 
-def measure_latencies(arch_files: dict[str, str]) -> dict[str, float]:
+def measure_latencies(arch_files: dict[str, str]) -> tuple[dict[str, float], float]:
     """Median U-Net forward latency (ms, batch 2, fp32, this machine) per distinct architecture,
-    interleaved rounds so that the ratio between them is robust to load changes."""
+    interleaved rounds so that the ratio between them is robust to load changes; and the most CPU
+    cores other processes kept busy meanwhile (over 0.5 warns: the absolute figures read high)."""
     import torch
 
     from nas.cost import measure_latency
@@ -60,12 +61,14 @@ def measure_latencies(arch_files: dict[str, str]) -> dict[str, float]:
     archs = {name: load_arch(path) for name, path in arch_files.items()}
     models = {name: build_unet(arch).eval() for name, arch in archs.items()}
     times: dict[str, list[float]] = {name: [] for name in archs}
+    busy = 0.0  # most CPU cores other processes kept busy during any one measurement
     with torch.inference_mode():
         for _ in range(LATENCY_ROUNDS):
             for name, model in models.items():
                 lat = measure_latency(model, archs[name], batch=LATENCY_BATCH, warmup=2, iters=LATENCY_ITERS)
                 times[name].append(lat.latency_ms_p50)
-    return {name: statistics.median(values) for name, values in times.items()}
+                busy = max(busy, lat.other_cores_busy)
+    return {name: statistics.median(values) for name, values in times.items()}, busy
 
 
 def steps_to_match(candidate: dict, baseline: dict, match_steps: int, metric: str) -> int | None:
@@ -87,7 +90,7 @@ def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
     source = {v.name: v.reuse or v.name for v in stage.runs} | {MAIN: MAIN}
     runs = {name: _run_info(root, name, source[name]) for name in names}
     trained = [name for name in names if source[name] == name]
-    latency = measure_latencies({name: runs[name]["arch_file"] for name in trained})
+    latency, busy = measure_latencies({name: runs[name]["arch_file"] for name in trained})
     costs = {name: arch_cost(load_arch(runs[name]["arch_file"])) for name in trained}  # once per model
     for name in names:
         cost = costs[source[name]]
@@ -95,7 +98,8 @@ def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
             label=labels[name], params=cost["params"], macs=cost["macs"], latency_ms=latency[source[name]]
         )
     result: dict[str, Any] = {"latency": {"batch": LATENCY_BATCH, "rounds": LATENCY_ROUNDS, "iters": LATENCY_ITERS,
-                                          "unit": "ms, median U-Net forward, fp32, this machine"},
+                                          "unit": "ms, median U-Net forward, fp32, this machine",
+                                          "other_cores_busy_max": round(busy, 2)},
                               "runs": runs}  # fmt: skip
     c = stage.compare
     if c is not None:
@@ -133,6 +137,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def write_comparison(result: dict[str, Any], folder: Path) -> None:
+    from nas.cost import BUSY_CORES_WARN
+
     (folder / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     runs = result["runs"]
     steps = sorted({s for r in runs.values() for s in r["quality"]})
@@ -158,6 +164,10 @@ def write_comparison(result: dict[str, Any], folder: Path) -> None:
                   f"(Frechet distance: {_fmt(c[f'steps_to_match_baseline_{m}_fd'], 'd')})",
                   f"- combined speedup to equal quality: **{_fmt(c['combined_speedup'], '.2f')}x** "
                   f"(on Frechet distance: {_fmt(c['combined_speedup_fd'], '.2f')}x)"]  # fmt: skip
+    busy = result["latency"].get("other_cores_busy_max", 0.0)
+    if busy > BUSY_CORES_WARN:
+        lines += ["", f"Warning: other processes kept up to {busy:.1f} CPU cores busy while latencies were "
+                  "measured; the absolute figures read high (the interleaved ratios less so)."]  # fmt: skip
     if result.get("ablations"):
         lines += [
             "",

@@ -73,6 +73,7 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
     )
     out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
     out["peak_memory_mb"] = measured.peak_memory_mb
+    out["other_cores_busy"] = measured.other_cores_busy  # > 0.5: the latency likely reads high
     out["batch"] = lat.batch  # MACs and latency are per U-Net call on this many latents
     return out
 

@@ -35,7 +35,7 @@ from nas.space import FixedChoices, load_space, sample_arch
 
 # Result keys copied to the Optuna trial's user attributes (what export and report read).
 ATTRS = ("arch_name", "params", "macs", "attention_macs", "model_class", "latency_ms_p50",
-         "latency_ms_p90", "peak_memory_mb", "proxy_loss", "proxy_seconds", "rejected", "reason", "error")  # fmt: skip
+         "latency_ms_p90", "peak_memory_mb", "other_cores_busy", "proxy_loss", "proxy_seconds", "rejected", "reason", "error")  # fmt: skip
 
 
 @dataclass
