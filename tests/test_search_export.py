@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from nas.cli import main
 from nas.errors import NasError
 from nas.models import FlexUNet2DConditionModel
-from nas.search.export import parse_conditions, pick_trial
+from nas.search.export import _knee, parse_conditions, pick_trial
 from nas.search.study import SearchSettings, load_study, run_search
 from nas.space import load_arch
 
@@ -96,3 +96,21 @@ def test_report_writes_plots_and_summary(capsys, finished_study):
     summary = (folder / "summary.md").read_text()
     assert "tiny_stock" in summary and "| yes |" in summary
     assert "optuna-dashboard sqlite:///" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "front, expected",
+    [
+        ([(0.10, 20.0), (0.11, 10.0)], 1),  # +10% loss for half the latency: the faster one
+        ([(0.11, 10.0), (0.10, 20.0)], 0),  # same, other order: not merely the first
+        ([(0.10, 11.0), (0.20, 10.0)], 0),  # double the loss for 9% less latency: the accurate one
+        ([(0.10, 30.0), (0.12, 12.0), (0.30, 10.0)], 1),  # a real knee: the middle point
+    ],
+)
+def test_knee_breaks_two_point_ties_by_relative_cost(front, expected):
+    import optuna
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in front:
+        study.add_trial(optuna.trial.create_trial(values=list(values)))
+    assert _knee(study, study.get_trials()).number == expected

@@ -71,7 +71,10 @@ def parse_conditions(expr: str) -> list[tuple[str, Any, float, bool]]:
 
 
 def _knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
-    """The front point closest to the ideal point once each objective is scaled to [0, 1]."""
+    """The front point closest to the ideal point once each objective is scaled to [0, 1]. Ties (any
+    2-point front: both ends lie at distance 1) go to the point whose objectives are the smaller
+    multiples of the front's best values (log ratios summed): 10% more loss for half the latency
+    wins over the reverse."""
     if len(front) == 1:
         return front[0]
     dims = len(study.directions)
@@ -84,7 +87,13 @@ def _knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
             sum(((signs[i] * t.values[i] - lows[i]) / ((highs[i] - lows[i]) or 1)) ** 2 for i in range(dims))
         )
 
-    return min(front, key=distance)
+    def relative(t: FrozenTrial) -> float:
+        values = [signs[i] * t.values[i] for i in range(dims)]
+        if min(lows) <= 0:  # ratios need positive objectives (loss, ms, MACs are)
+            return 0.0
+        return sum(math.log(values[i] / lows[i]) for i in range(dims))
+
+    return min(front, key=lambda t: (round(distance(t), 9), relative(t)))
 
 
 def pick_trial(study: optuna.Study, how: str = "best") -> FrozenTrial:
