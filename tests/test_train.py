@@ -363,6 +363,7 @@ def test_run_folder(full_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 8 and summary["val_loss"] == pytest.approx(result.val_loss)
     assert summary["val_loss_start"] == pytest.approx(result.val_loss_start) and result.val_loss_start > 0
+    assert summary["diverged"] is False and summary["best_val_loss"] <= summary["val_loss"]
     assert result.val_loss_ema is not None and result.val_loss_ema != result.val_loss
 
 
@@ -463,6 +464,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     weights = load_file(tmp_path / "checkpoints" / "step_000002" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+class DivergingDenoiser(PoisonedDenoiser):
+    """Learns for `poison_at` training forwards, then its output jumps far off target for good
+    (training and validation alike), like the collapse of a too-large constant learning rate."""
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.calls += 1 if self.training else 0
+        out = self.conv(x) + self.text(encoder_hidden_states.mean(1))[:, :, None, None]
+        return SimpleNamespace(sample=out + 10.0 if self.calls >= self.poison_at else out)
+
+
+def test_divergence_is_flagged_in_the_summary(fake_cache, quick_config, tmp_path, capsys):
+    config = quick_config(max_steps=6, checkpoint_every=6, val_every=2)
+    train(DivergingDenoiser(poison_at=5, what="none"), fake_cache, config, out=tmp_path, quiet=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["diverged"] and summary["best_val_step"] in (0, 2, 4)
+    assert summary["val_loss"] > 2 * summary["best_val_loss"]
+    assert "the training diverged; lower lr" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

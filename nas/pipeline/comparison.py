@@ -29,6 +29,8 @@ def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
     run = run_folder(root, source)
     config = read_yaml(run / "config.yaml")
     report = json.loads((eval_folder(root, name) / "eval.json").read_text())
+    summary = run / "summary.json"
+    trained = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "run": str(run),
         "arch_file": str(run / "arch.yaml"),
@@ -36,6 +38,8 @@ def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
         "diffusion": config.get("diffusion"),
         "ema": config.get("ema"),
         "max_steps": config.get("max_steps"),
+        "lr": config.get("lr"),
+        "diverged": bool(trained.get("diverged", False)),  # final validation loss > 2x its best
         "weights": report["weights"],
         "spacing": report["timestep_spacing"],
         "quality": {
@@ -164,6 +168,10 @@ def write_comparison(result: dict[str, Any], folder: Path) -> None:
                   f"(Frechet distance: {_fmt(c[f'steps_to_match_baseline_{m}_fd'], 'd')})",
                   f"- combined speedup to equal quality: **{_fmt(c['combined_speedup'], '.2f')}x** "
                   f"(on Frechet distance: {_fmt(c['combined_speedup_fd'], '.2f')}x)"]  # fmt: skip
+    diverged = [r["label"] for r in runs.values() if r.get("diverged")]
+    if diverged:
+        lines += ["", f"Warning: these trainings diverged (final validation loss over twice its best): "
+                  f"{', '.join(diverged)}; their figures say nothing about the recipe or the layout."]  # fmt: skip
     busy = result["latency"].get("other_cores_busy_max", 0.0)
     if busy > BUSY_CORES_WARN:
         lines += ["", f"Warning: other processes kept up to {busy:.1f} CPU cores busy while latencies were "

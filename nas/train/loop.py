@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_check
 from nas.train.config import TrainConfig, check_resumable
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
 from nas.train.run import MetricsLog, environment, plot_losses, write_env, write_json
+
+# A final validation loss above this multiple of the best one marks the run as diverged (warning,
+# summary.json). Seen: SD's recipe at a constant lr 1e-3 went from 0.085 to 0.99 at step ~1,220.
+DIVERGED_RATIO = 2.0
 
 # report(step, val_loss) after each validation; returning True stops training (a pruned trial).
 # An exception it raises (e.g. optuna.TrialPruned) propagates unchanged.
@@ -202,6 +207,7 @@ def train(
             metrics.add(step=0, val_loss=val_start, lr=lr_scheduler.get_last_lr()[0])
     elif metrics is not None:
         val_start = metrics.value_at(0, "val_loss")
+    best_val = (val_start if val_start is not None else math.inf, 0)  # lowest validation loss, its step
     pin = accelerator.device.type == "cuda"
     loader = iter(batch_loader(batches, start, config.max_steps, config.num_workers, pin))
     try:
@@ -248,6 +254,7 @@ def train(
             val_due = done % config.val_every == 0 or done == config.max_steps
             if val_due:
                 val_loss = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
+                best_val = min(best_val, (val_loss, done))
                 if report is not None:
                     stopped = bool(report(done, val_loss))
             if done % config.log_every == 0 or val_due:
@@ -289,6 +296,15 @@ def train(
         val_loss_ema = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
         ema.restore(net.parameters())
     rate = samples_per_step * (done - start) / train_time if train_time else None
+    diverged = val_loss > DIVERGED_RATIO * best_val[0]
+    if diverged and main:
+        print(
+            f"warning: validation loss ended at {val_loss:.4g}, {val_loss / best_val[0]:.1f}x its best "
+            f"({best_val[0]:.4g} at step {best_val[1]}): the training diverged; lower lr (or resume from "
+            "an earlier checkpoint with a lower lr)",
+            file=sys.stderr,
+            flush=True,
+        )
     if run is not None and main:
         _save_final(run, net, ema)
         write_json(
@@ -300,6 +316,9 @@ def train(
                 "val_loss_ema": val_loss_ema,
                 "samples_per_s": rate,
                 "stopped_early": stopped,
+                "best_val_loss": best_val[0],  # this session's (a resumed run starts afresh)
+                "best_val_step": best_val[1],
+                "diverged": diverged,
             },
         )
         plot_losses(run / "metrics.csv", run / "loss.png")
