@@ -217,6 +217,25 @@ def test_steps_to_match_is_strict(cand, target, expected):
     assert steps_to_match(candidate, baseline, 50, "frechet_distance") == expected
 
 
+CAVEATS = [  # match (alignment, FD), baseline gain 10 -> 50 (alignment, FD) -> which caveats print
+    ((30, 30), (0.05, 200.0), []),  # matched above the fewest steps, baseline improves: none
+    ((10, 30), (0.05, 200.0), ["upper bound"]),
+    ((30, 30), (-0.01, 200.0), ["gains little"]),  # flat alignment is enough to say so
+    ((10, 10), (0.0, -5.0), ["upper bound", "gains little"]),
+]
+
+
+@pytest.mark.parametrize(("match", "gain", "expected"), CAVEATS)
+def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
+    from nas.pipeline.comparison import _match_caveats
+
+    compare = {"match_steps": 50, "fewest_steps_evaluated": 10, "steps_to_match_baseline_50": match[0],
+               "steps_to_match_baseline_50_fd": match[1], "baseline_alignment_gain": gain[0],
+               "baseline_fd_gain": gain[1]}  # fmt: skip
+    notes = _match_caveats(compare)
+    assert [k for k in ("upper bound", "gains little") if any(k in n for n in notes)] == expected
+
+
 @pytest.mark.slow
 def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
     results = tmp_path / "results"

@@ -122,6 +122,13 @@ def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
             "combined_speedup_fd": per_step * c.match_steps / match_fd if match_fd else None,
             "params_ratio": cand["params"] / base["params"],
             "macs_ratio": cand["macs"] / base["macs"],
+            # a match at the fewest evaluated steps is an upper bound (the grid goes no lower); and
+            # when the baseline gains nothing from more steps, it compares overall quality, not steps
+            "fewest_steps_evaluated": min(cand["quality"]),
+            "baseline_alignment_gain": base["quality"][c.match_steps]["alignment"]
+            - base["quality"][min(base["quality"])]["alignment"],
+            "baseline_fd_gain": base["quality"][min(base["quality"])]["frechet_distance"]
+            - base["quality"][c.match_steps]["frechet_distance"],
         }
         ablations = []
         ref = cand["quality"].get(c.ablation_steps)
@@ -138,6 +145,22 @@ def compare(stage: VariantsStage, root: Path) -> dict[str, Any]:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _match_caveats(c: dict[str, Any]) -> list[str]:
+    """Say when the step figures are bounds, or measure overall quality rather than steps."""
+    m, fewest, notes = c["match_steps"], c.get("fewest_steps_evaluated"), []
+    if fewest is None:
+        return notes
+    if fewest in (c[f"steps_to_match_baseline_{m}"], c[f"steps_to_match_baseline_{m}_fd"]):
+        notes.append(f"- a match at {fewest} steps, the fewest evaluated, is an upper bound on the steps "
+                     "(and the combined speedup a lower bound): evaluate fewer steps to find the crossing")  # fmt: skip
+    if c["baseline_alignment_gain"] <= 0 or c["baseline_fd_gain"] <= 0:
+        notes.append(f"- the baseline gains little from more steps ({fewest} -> {m}: alignment "
+                     f"{c['baseline_alignment_gain']:+.3f}, Frechet distance {-c['baseline_fd_gain']:+.0f}); "
+                     "where it gains nothing, matching it says the candidate is better overall, not that it "
+                     "needs fewer steps")  # fmt: skip
+    return notes
 
 
 def write_comparison(result: dict[str, Any], folder: Path) -> None:
@@ -168,6 +191,7 @@ def write_comparison(result: dict[str, Any], folder: Path) -> None:
                   f"(Frechet distance: {_fmt(c[f'steps_to_match_baseline_{m}_fd'], 'd')})",
                   f"- combined speedup to equal quality: **{_fmt(c['combined_speedup'], '.2f')}x** "
                   f"(on Frechet distance: {_fmt(c['combined_speedup_fd'], '.2f')}x)"]  # fmt: skip
+        lines += _match_caveats(c)
     diverged = [r["label"] for r in runs.values() if r.get("diverged")]
     if diverged:
         lines += ["", f"Warning: these trainings diverged (final validation loss over twice its best): "
