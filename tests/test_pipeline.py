@@ -90,6 +90,24 @@ def test_tiny_experiment_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert again["train"] == after["train"] and again["sample"]["updated"] >= after["sample"]["updated"]
 
 
+@pytest.mark.parametrize(
+    "edit, same",
+    [
+        ("# a new comment\nlr: 1.0e-3  # its unit\nmax_steps: 10\n", True),  # comments and layout
+        ("max_steps: 10\nlr: 0.001\n", True),  # key order, number spelling
+        ("lr: 1.0e-3\nmax_steps: 11\n", False),  # a value
+    ],
+)
+def test_yaml_inputs_are_fingerprinted_by_content(tmp_path, edit, same):
+    from nas.pipeline.plan import _digest
+
+    path = tmp_path / "train.yaml"
+    path.write_text("lr: 1.0e-3\nmax_steps: 10\n")
+    before = _digest(path)
+    path.write_text(edit)
+    assert (_digest(path) == before) is same
+
+
 def test_dry_run_prints_the_plan(tmp_path, capsys):
     path = write(tmp_path, tiny_experiment(tmp_path))
     assert main(["run", path, "--results", str(tmp_path / "r"), "--dry-run"]) == 0
@@ -236,6 +254,27 @@ def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
     assert [k for k in ("upper bound", "gains little") if any(k in n for n in notes)] == expected
 
 
+def test_comparison_grids_show_baseline_then_candidate_at_its_match(tmp_path):
+    from PIL import Image
+
+    from nas.pipeline.comparison import _grid_panels, _plot_grids
+
+    def run(name, steps, label):
+        folder = tmp_path / name
+        folder.mkdir()
+        for s in steps:
+            Image.new("RGB", (786, 786), "white").save(folder / f"grid_{s:03d}.png")
+        return {"label": label, "eval_dir": str(folder), "quality": {s: {} for s in steps}}
+
+    result = {"runs": {"main": run("main", (10, 20, 50), "cand"), "base": run("base", (10, 50), "base"),
+                       "abl": run("abl", (30,), "abl"), "gone": {"label": "gone", "quality": {50: {}}}},
+              "compare": {"baseline": "base", "candidate": "main", "match_steps": 50,
+                          "steps_to_match_baseline_50": 20}}  # fmt: skip
+    assert [t for t, _ in _grid_panels(result)] == ["base: 50 steps", "cand: 20 steps", "cand: 50 steps"]
+    _plot_grids(result, tmp_path / "grids.png")
+    assert Image.open(tmp_path / "grids.png").height > Image.open(tmp_path / "grids.png").width / 4
+
+
 @pytest.mark.slow
 def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
     results = tmp_path / "results"
@@ -250,7 +289,7 @@ def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["per_step_speedup"] > 0 and "steps_to_match_baseline_3" in summary
     assert [a["ablates"] for a in comparison["ablations"]] == ["EMA"]
-    for name in ("comparison.md", "comparison.png"):
+    for name in ("comparison.md", "comparison.png", "comparison_grids.png"):
         assert (root / name).is_file()
     state = json.loads((root / "variants" / "state.json").read_text())
     assert len(state["done"]) == 3

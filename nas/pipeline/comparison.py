@@ -33,6 +33,7 @@ def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
     trained = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "run": str(run),
+        "eval_dir": str(eval_folder(root, name)),
         "arch_file": str(run / "arch.yaml"),
         "recipe": config.get("name"),
         "diffusion": config.get("diffusion"),
@@ -211,6 +212,7 @@ def write_comparison(result: dict[str, Any], folder: Path) -> None:
                          f"{a['frechet_distance']:.0f} | {a['d_frechet_distance']:+.0f} |")  # fmt: skip
     (folder / "comparison.md").write_text("\n".join(lines) + "\n")
     _plot(result, folder / "comparison.png")
+    _plot_grids(result, folder / "comparison_grids.png")
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -238,6 +240,58 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("denoising steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+GRID_ROWS = 2  # rows of 8 samples per run in comparison_grids.png: same prompts and seeds in every row
+
+
+def _grid_panels(result: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(title, grid PNG) to show: the baseline at match_steps, the candidate where it matches and at
+    match_steps, then the other runs evaluated at match_steps; grids that were not written are skipped."""
+    runs, c = result["runs"], result.get("compare")
+    m = c["match_steps"] if c else max(max(r["quality"]) for r in runs.values())
+    order: list[tuple[str, int]] = []
+    if c:
+        order.append((c["baseline"], m))
+        match = c.get(f"steps_to_match_baseline_{m}")
+        if match and match != m:
+            order.append((c["candidate"], match))
+    order += [(name, m) for name, r in runs.items() if m in r["quality"] and (name, m) not in order]
+    panels = []
+    for name, steps in order:
+        path = Path(runs[name].get("eval_dir", "")) / f"grid_{steps:03d}.png"
+        if runs[name].get("eval_dir") and path.is_file():
+            panels.append((f"{runs[name]['label']}: {steps} steps", path))
+    return panels
+
+
+def _plot_grids(result: dict[str, Any], path: Path) -> None:
+    """The first GRID_ROWS rows of each run's sample grid, one under the other, to look at."""
+    panels = _grid_panels(result)
+    if not panels:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    crops = []
+    for _, file in panels:
+        grid = Image.open(file).convert("RGB")
+        cell = (grid.width - 2) // 8  # image_grid: 8 columns, 2 px border
+        crops.append(grid.crop((0, 0, grid.width, min(grid.height, GRID_ROWS * cell + 2))))
+    width = 8.0
+    heights = [width * c.height / c.width for c in crops]
+    fig, axes = plt.subplots(len(crops), 1, figsize=(width, sum(heights) + 0.35 * len(crops)), dpi=100,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)  # fmt: skip
+    for ax, (title, _), crop in zip(axes[:, 0], panels, crops):
+        ax.imshow(crop)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field, model_validator
 
 from nas.config import Strict
@@ -247,8 +248,16 @@ def parse(argv: list[str], where: str):
 
 
 def _digest(path: Path) -> str:
+    """A stage input's content: a YAML file by its parsed data (editing a comment or the layout
+    redoes nothing), any other file by its bytes, a folder by its listing."""
     h = hashlib.sha256()
-    if path.is_file():
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            data = path.read_bytes().hex()  # the command that reads it will report the error
+        h.update(json.dumps(data, sort_keys=True, default=str).encode())
+    elif path.is_file():
         h.update(path.read_bytes())
     elif path.is_dir():  # a user's data folder: names, sizes and times, not contents
         for p in sorted(path.rglob("*")):

@@ -25,6 +25,7 @@ KEEP = {
     "eval.json": ("evaluate", "eval/eval.json"),
     "comparison.md": ("variants", "comparison.md"),
     "comparison.png": ("variants", "comparison.png"),
+    "comparison_grids.png": ("variants", "comparison_grids.png"),
     "comparison.json": ("variants", "comparison.json"),
 }
 
