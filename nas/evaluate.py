@@ -31,6 +31,7 @@ import torch
 
 from nas.errors import NasError
 
+GRID_COLUMNS = 8  # grid_<steps>.png: the first 64 samples, 8 per row
 DEFAULT_STEPS = (10, 20, 30, 50)  # the seed compares 30 with 50; 10 and 20 show where quality breaks
 
 
@@ -200,7 +201,9 @@ def quality_vs_steps(
         if grid_dir is not None:
             from PIL import Image
 
-            Image.fromarray(image_grid(pixels[:64], columns=8)).save(grid_dir / f"grid_{steps:03d}.png")
+            Image.fromarray(image_grid(pixels[: GRID_COLUMNS**2], columns=GRID_COLUMNS)).save(
+                grid_dir / f"grid_{steps:03d}.png"
+            )
     top = images_by_steps[steps_list[-1]]
     for row in rows:
         row["rmse_to_max"] = float((images_by_steps[row["steps"]] - top).pow(2).mean().sqrt())

@@ -262,8 +262,8 @@ def _grid_panels(result: dict[str, Any]) -> list[tuple[str, Path]]:
     order += [(name, m) for name, r in runs.items() if m in r["quality"] and (name, m) not in order]
     panels = []
     for name, steps in order:
-        path = Path(runs[name].get("eval_dir", "")) / f"grid_{steps:03d}.png"
-        if runs[name].get("eval_dir") and path.is_file():
+        path = Path(runs[name].get("eval_dir", "/nonexistent")) / f"grid_{steps:03d}.png"
+        if path.is_file():
             panels.append((f"{runs[name]['label']}: {steps} steps", path))
     return panels
 
@@ -279,11 +279,14 @@ def _plot_grids(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from nas.evaluate import GRID_COLUMNS
+    from nas.sample.generate import GRID_PAD
+
     crops = []
     for _, file in panels:
         grid = Image.open(file).convert("RGB")
-        cell = (grid.width - 2) // 8  # image_grid: 8 columns, 2 px border
-        crops.append(grid.crop((0, 0, grid.width, min(grid.height, GRID_ROWS * cell + 2))))
+        cell = (grid.width - GRID_PAD) // GRID_COLUMNS  # image + its border
+        crops.append(grid.crop((0, 0, grid.width, min(grid.height, GRID_ROWS * cell + GRID_PAD))))
     width = 8.0
     heights = [width * c.height / c.width for c in crops]
     fig, axes = plt.subplots(len(crops), 1, figsize=(width, sum(heights) + 0.35 * len(crops)), dpi=100,

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
-from nas.config import Strict
+from nas.config import Strict, read_yaml
 from nas.errors import NasError
 from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
 
@@ -253,8 +252,8 @@ def _digest(path: Path) -> str:
     h = hashlib.sha256()
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
+            data = read_yaml(path)
+        except (NasError, UnicodeDecodeError):
             data = path.read_bytes().hex()  # the command that reads it will report the error
         h.update(json.dumps(data, sort_keys=True, default=str).encode())
     elif path.is_file():

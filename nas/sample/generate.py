@@ -127,7 +127,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, columns: int, pad: int = 2, min_cell: int = 96) -> np.ndarray:
+GRID_PAD = 2  # px of white border around and between grid cells
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = GRID_PAD, min_cell: int = 96) -> np.ndarray:
     """uint8 [N, H, W, 3] tiled row by row, `columns` wide, with a white border; images smaller than
     `min_cell` pixels are enlarged by a whole factor (nearest neighbour: no invented detail), so a
     grid of 32 px samples is readable. The single PNGs keep the model's resolution."""
