@@ -133,20 +133,21 @@ def test_sigkilled_search_resumes_to_full_count(search_cache, space_file, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_search_cmd(space, search_cache, results, 4), env=env, start_new_session=True)
     url = f"sqlite:///{results / 'k' / 'study.db'}"
-    deadline = time.time() + 120
+    # Wait for a state, not a time: one trial completed and the next one training (its
+    # architecture recorded). The deadline only stops a hung search; a loaded machine is slower.
+    deadline = time.monotonic() + 900
     completed_before = []
-    while time.time() < deadline:  # kill once a trial has completed and the next one is running
-        time.sleep(0.5)
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
         try:
             study = optuna.load_study(study_name="k", storage=url)
         except Exception:
             continue
         trials = study.get_trials()
         completed_before = [t for t in trials if t.state == TrialState.COMPLETE]
-        if completed_before and any(
-            t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in trials
-        ):
+        if completed_before and any(t.state == TrialState.RUNNING and "arch" in t.user_attrs for t in trials):
             break
+    assert proc.poll() is None, "the search ended before it could be killed mid-trial"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert completed_before, "no trial completed before the kill"
@@ -157,17 +158,113 @@ def test_sigkilled_search_resumes_to_full_count(search_cache, space_file, tmp_pa
     ]
     assert running, "the kill should leave a running trial"
 
-    subprocess.run(_search_cmd(space, search_cache, results, 4), env=env, check=True, timeout=300)
+    subprocess.run(_search_cmd(space, search_cache, results, 4), env=env, check=True, timeout=1800)
     study = optuna.load_study(study_name="k", storage=url)
     trials = study.get_trials()
     by_number = {t.number: t for t in trials}
     for t in completed_before:  # completed trials are kept, untouched
         assert by_number[t.number].state == TrialState.COMPLETE and by_number[t.number].values == t.values
-    for number in running:  # the interrupted trial failed and was retried with its parameters
-        assert by_number[number].state == TrialState.FAIL
-        assert any(
-            t.system_attrs.get("failed_trial") == number and t.params == by_number[number].params
-            for t in trials
-        )
+    for number in running:  # the interrupted trial failed and was retried with exactly its parameters
+        lost = by_number[number]
+        assert lost.state == TrialState.FAIL and "error" not in lost.user_attrs
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
+        assert len(retries) == 1 and retries[0].params == lost.params
+        arch, lost_arch = (dict(t.user_attrs["arch"], name=None) for t in (retries[0], lost))
+        assert arch == lost_arch  # the same architecture under the retry's own name
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == 4
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _lost_trial(study, space, n_params: int | None, worker: str):
+    """A RUNNING trial as a killed worker leaves it: the first `n_params` parameters of an
+    architecture chosen (all of them, and the `arch` attribute, when None)."""
+    from nas.space import sample_arch
+
+    class Partial:  # define-by-run chooser that dies after n_params choices
+        def __init__(self, trial):
+            self.trial, self.count = trial, 0
+
+        def _tick(self):
+            if n_params is not None and self.count == n_params:
+                raise KeyboardInterrupt  # the kill
+            self.count += 1
+
+        def suggest_int(self, name, low, high):
+            self._tick()
+            return self.trial.suggest_int(name, low, high)
+
+        def suggest_categorical(self, name, choices):
+            self._tick()
+            return self.trial.suggest_categorical(name, choices)
+
+    trial = study.ask()
+    trial.set_user_attr("worker", worker)
+    try:
+        arch = sample_arch(space, Partial(trial))
+        trial.set_user_attr("arch", arch.to_data())
+    except KeyboardInterrupt:
+        pass
+    return trial.number
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["arch-chosen", "killed-while-choosing"])
+def test_dead_local_trial_is_retried_only_with_a_whole_architecture(tmp_path, complete):
+    import socket
+
+    from nas.search.study import fail_dead_local_trials
+    from nas.space import load_space, sample_arch
+    from tests.fixtures.space import SPACES
+
+    space = load_space(SPACES / "tiny.yaml")
+    study = optuna.create_study(study_name="d", storage=f"sqlite:///{tmp_path / 'd.db'}")
+    number = _lost_trial(study, space, None if complete else 2, f"{socket.gethostname()}:{_dead_pid()}")
+    lost = study.get_trials()[number]
+    assert lost.state == TrialState.RUNNING and (len(lost.params) == 2) != complete
+
+    assert fail_dead_local_trials(study) == [number]
+    trials = study.get_trials()
+    assert trials[number].state == TrialState.FAIL
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    if complete:  # retried with exactly the lost trial's parameters
+        assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == number
+        retry = study.ask()
+        arch = sample_arch(space, retry, name=lost.user_attrs["arch"]["name"])
+        assert retry.params == lost.params and arch.to_data() == lost.user_attrs["arch"]
+    else:  # half-chosen: nothing to retry, the sampler draws a fresh point
+        assert waiting == []
+    assert fail_dead_local_trials(study) == []  # idempotent
+
+
+def test_stale_trial_of_another_host_is_retried_by_heartbeat(tmp_path):
+    """A worker on another machine (its pid means nothing here) is detected by its silent
+    heartbeat; the storage's stale-trial callback retries it. Waits for a state, not a time."""
+    from optuna.storages import RDBStorage
+
+    from nas.search.study import retry_lost_trial
+    from nas.space import load_space
+    from tests.fixtures.space import SPACES
+
+    space = load_space(SPACES / "tiny.yaml")
+    storage = RDBStorage(
+        f"sqlite:///{tmp_path / 'h.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
+        heartbeat_stale_trial_callback=retry_lost_trial,
+    )
+    study = optuna.create_study(study_name="h", storage=storage)
+    number = _lost_trial(study, space, None, "another-host:1")
+    trial_id = study.get_trials()[number]._trial_id  # the heartbeat API takes storage ids
+    storage.record_heartbeat(trial_id)
+    deadline = time.monotonic() + 300
+    while study.get_trials()[number].state == TrialState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.5)
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert trials[number].state == TrialState.FAIL
+    assert [t.user_attrs["retry_of"] for t in trials if t.state == TrialState.WAITING] == [number]

@@ -30,7 +30,15 @@ from nas.search.objective import (
     measure_cost,
     proxy_config,
 )
-from nas.search.study import SAMPLERS, SearchSettings, _check_cache, open_storage, open_study, write_metadata
+from nas.search.study import (
+    SAMPLERS,
+    SearchSettings,
+    _check_cache,
+    open_storage,
+    open_study,
+    space_digest,
+    write_metadata,
+)
 from nas.space import FixedChoices, load_space, sample_arch
 
 # Result keys copied to the Optuna trial's user attributes (what export and report read).
@@ -73,6 +81,36 @@ def _connect(address: str | None, quiet: bool) -> None:
         raise NasError(
             f"--ray-address {address or 'local'}: cannot connect ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
+
+
+OWNER_FILE = "owner.json"  # beside the Tune experiment: which study, storage and space it serves
+
+
+def write_owner(path: Path, owner: dict[str, str]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (OWNER_FILE + ".tmp")
+    tmp.write_text(json.dumps(owner, indent=2))
+    tmp.replace(path / OWNER_FILE)
+
+
+def check_owner(path: Path, owner: dict[str, str]) -> None:
+    """A saved Tune experiment is restored only into the study, storage and space it was started
+    with: its searcher points at that storage, so restoring it under other settings would write
+    trials elsewhere (or fail deep inside SQLAlchemy when that storage is gone)."""
+    fresh = f"move {path} aside (or delete it) to start a new Ray experiment"
+    try:
+        saved = json.loads((path / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        raise NasError(
+            f"{path}: a saved Ray experiment with no readable {OWNER_FILE} (which study, storage"
+            f" and space it belongs to); {fresh}"
+        ) from None
+    for key, label in (("study", "study"), ("storage", "storage"), ("space_digest", "space (digest)")):
+        if saved.get(key) != owner[key]:
+            raise NasError(
+                f"{path}: the saved Ray experiment belongs to {label} {saved.get(key)!r}, not"
+                f" {owner[key]!r}; rerun with the original settings to resume it, or {fresh}"
+            )
 
 
 def _remote_measure(accelerator: str | None, gpus: float):
@@ -152,6 +190,15 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
     _check_cache(space, open_cache(cache_path), settings.cache)
     train_config = proxy_config(space, settings.space)
     check_feasible_space(space)
+    path = (settings.folder / "ray").resolve()  # the Tune experiment: path / study name
+    owner = {
+        "study": settings.study,
+        "storage": settings.storage_url(),
+        "space_digest": space_digest(settings.space),
+    }
+    restore = tune.Tuner.can_restore(path / settings.study)
+    if restore:  # before anything is opened or written: refusing must change nothing
+        check_owner(path, owner)
     settings.folder.mkdir(parents=True, exist_ok=True)
     storage = open_storage(settings.storage_url(), heartbeat=False)
     study = open_study(settings, space, storage)  # creates or checks the study (space digest, baselines)
@@ -228,9 +275,8 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
         grace_period=min(space.proxy.report_every, space.proxy.steps),
     )
     resources = {"cpu": ray_settings.cpus_per_trial, "gpu": ray_settings.gpus_per_trial}
-    path = (settings.folder / "ray").resolve()
     wrapped = tune.with_resources(trainable, resources)
-    if tune.Tuner.can_restore(path / study_name):
+    if restore:
         tuner = tune.Tuner.restore(
             str(path / study_name), trainable=wrapped, resume_unfinished=True, resume_errored=False
         )
@@ -250,6 +296,7 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
                 verbose=0 if quiet else 1,
             ),
         )
+    write_owner(path, owner)
     results = tuner.fit()
     del study
     return results

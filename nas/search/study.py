@@ -7,8 +7,11 @@ proxy budget. Declare one objective (proxy_loss, with a latency or size budget) 
 Hyperband or successive halving instead. Budgets reject points before any training either way.
 
 Resume: trials report a heartbeat to the storage; a trial whose process died (SIGKILL, preemption)
-goes stale after `GRACE_S` seconds, is marked FAIL and re-enqueued with the same parameters by
-Optuna's `RetryHeartbeatStaleTrialCallback`. Rerunning the same command continues until the
+goes stale after `GRACE_S` seconds (at once if its process was on this host and is gone) and is
+marked FAIL. It is re-enqueued with exactly its parameters if its architecture had been chosen
+completely (the `arch` attribute is written right after sampling); a trial lost while still
+choosing (define-by-run: some parameters set, others not) holds no architecture, so it is not
+retried and the sampler draws a new point. Rerunning the same command continues until the
 requested number of trials has finished; completed trials are never redone.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 
@@ -99,7 +102,7 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
         beat = dict(
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            heartbeat_stale_trial_callback=retry_lost_trial,
         )
     for attempt in range(5):
         try:
@@ -168,23 +171,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def retry_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
+    """Re-enqueue a trial whose process was lost, with exactly its parameters, if its architecture
+    had been chosen completely; return the number it was retried from, or None.
+
+    Used as the storage's heartbeat-stale callback (a trial of any host) and by
+    `fail_dead_local_trials` (this host). Optuna's own RetryHeartbeatStaleTrialCallback would
+    re-enqueue a half-chosen trial's partial parameters, and the retry would then draw the rest
+    anew: a different architecture under the old trial's name. It also copies every user
+    attribute, the dead worker's id included."""
+    if "arch" not in trial.user_attrs:
+        return None  # lost while choosing: no architecture to retry
+    retries = int(trial.user_attrs.get("retries", 0))
+    if retries >= MAX_RETRY:
+        return None
+    attrs: dict[str, Any] = {"retry_of": trial.number, "retries": retries + 1}
+    if "baseline" in trial.user_attrs:
+        attrs["baseline"] = trial.user_attrs["baseline"]
+    study.enqueue_trial(trial.params, user_attrs=attrs)
+    return trial.number
+
+
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials started on this host by a process that no longer exists (a SIGKILLed
-    search): fail them now and re-enqueue their parameters, instead of waiting GRACE_S for the
-    heartbeat to go stale. Trials of live or remote workers are left to the heartbeat."""
+    search): fail them now and retry them (`retry_lost_trial`), instead of waiting GRACE_S for
+    the heartbeat to go stale. Trials of live or remote workers are left to the heartbeat."""
     host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
-            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                retry(study, study._storage.get_trial(trial._trial_id))
-                failed.append(trial.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another process got there first
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process failed it first (and retried it)
+        retry_lost_trial(study, trial)
+        failed.append(trial.number)
     return failed
 
 
