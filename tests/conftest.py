@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.train",
     "tests.fixtures.search",
     "tests.fixtures.sample",
+    "tests.fixtures.postgres",
 ]

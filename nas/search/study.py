@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=retry_lost_trial,
         )
+    if url.startswith("postgresql://"):  # SQLAlchemy < 2.1 would pick psycopg2, which we do not ship
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     for attempt in range(5):
         try:
             return RDBStorage(url, **beat)
@@ -131,21 +134,40 @@ def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.S
     )
     digest = space_digest(settings.space)
     names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if settings.study in names:
-        study = optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
-        theirs = study.user_attrs.get("space_digest")
-        if theirs != digest:
-            raise NasError(
-                f"study {settings.study} exists in {settings.storage_url()} with another space"
-                f" ({study.user_attrs.get('space_file')}, digest {theirs}); use another --study name"
+    if settings.study not in names:
+        try:
+            study = optuna.create_study(
+                study_name=settings.study,
+                storage=storage,
+                directions=[o.direction for o in space.objectives],
+                sampler=sampler,
+                pruner=pruner,
             )
-        return study
-    directions = [o.direction for o in space.objectives]
-    study = optuna.create_study(
-        study_name=settings.study, storage=storage, directions=directions, sampler=sampler, pruner=pruner
-    )
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another worker created it between our look and our create: join theirs
+        else:
+            _set_up(study, settings, space, digest)
+            return study
+    study = optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
+    theirs = _wait_ready(study)
+    if theirs is None and not study.get_trials(deepcopy=False):  # its creator died setting it up
+        _set_up(study, settings, space, digest)
+        theirs = digest
+    if theirs != digest:
+        raise NasError(
+            f"study {settings.study} exists in {settings.storage_url()} with another space"
+            f" ({study.user_attrs.get('space_file')}, digest {theirs}); use another --study name"
+        )
+    return study
+
+
+READY_WAIT_S = 60  # how long a joining worker waits for the creator to finish setting a study up
+
+
+def _set_up(study: optuna.Study, settings: SearchSettings, space: Space, digest: str) -> None:
+    """Record the space and enqueue the baselines; the digest is written last and marks the
+    study ready, so a worker that joins a study being created waits for its baselines."""
     study.set_user_attr("space_file", str(settings.space))
-    study.set_user_attr("space_digest", digest)
     study.set_user_attr("space", space.model_dump(mode="json"))
     study.set_user_attr("objectives", [o.metric for o in space.objectives])
     for rel in space.baselines:
@@ -154,11 +176,27 @@ def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.S
         study.enqueue_trial(
             arch_to_params(space, arch, str(path)), user_attrs={"baseline": arch.name}, skip_if_exists=True
         )
-    return study
+    study.set_user_attr("space_digest", digest)
+
+
+def _wait_ready(study: optuna.Study) -> str | None:
+    """The study's space digest, waiting (a state, bounded) while another worker creates it."""
+    deadline = time.monotonic() + READY_WAIT_S
+    while True:
+        digest = study.user_attrs.get("space_digest")
+        if digest is not None or time.monotonic() > deadline:
+            return digest
+        time.sleep(0.2)
+
+
+def _host() -> str:
+    """This worker's machine, as recorded on its trials. NAS_WORKER_HOST overrides the hostname
+    where hostnames are not unique across the machines sharing a storage (e.g. containers)."""
+    return os.environ.get("NAS_WORKER_HOST") or socket.gethostname()
 
 
 def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_host()}:{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -196,7 +234,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials started on this host by a process that no longer exists (a SIGKILLed
     search): fail them now and retry them (`retry_lost_trial`), instead of waiting GRACE_S for
     the heartbeat to go stale. Trials of live or remote workers are left to the heartbeat."""
-    host = socket.gethostname()
+    host = _host()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
@@ -221,6 +259,25 @@ def counted(trial: optuna.trial.FrozenTrial) -> bool:
 
 def finished(study: optuna.Study) -> int:
     return sum(counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def progress(study: optuna.Study) -> tuple[int, int]:
+    """(trials that count toward --trials, trials running now on any worker)."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(counted(t) for t in trials), sum(t.state == TrialState.RUNNING for t in trials)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's heartbeat check (it runs before each trial of `optimize` too); experimental in
+    Optuna since 2.9 and stable in use, so its warning is noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class Surplus(Exception):
+    """This trial would exceed --trials: workers that started at the same moment all saw room for
+    one more. The later trial number gives way (recorded as FAIL without `error`: not counted)."""
 
 
 def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, cache, train_config):
@@ -251,6 +308,14 @@ def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, 
             ]
 
         trial.set_user_attr("worker", _worker_id())
+        ahead = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number < trial.number and (counted(t) or t.state == TrialState.RUNNING)
+        ]
+        if len(ahead) >= settings.trials:
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"{len(ahead)} trials before it already make --trials {settings.trials}")
         try:
             arch = sample_arch(space, trial, name=f"{settings.study}-t{trial.number}")
             trial.set_user_attr("arch", arch.to_data())
@@ -372,7 +437,17 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
         bar.n = min(finished(study), settings.trials)
         bar.refresh()
 
-    while finished(study) < settings.trials:
+    while True:
+        done, running = progress(study)
+        if done >= settings.trials:
+            break
+        if done + running >= settings.trials:
+            # The rest is in flight on other workers: wait for them, failing (and so retrying)
+            # any whose worker died, so a lost trial is still run by someone.
+            time.sleep(HEARTBEAT_S)
+            fail_dead_local_trials(study)
+            fail_stale_trials(study)
+            continue
         study.optimize(
             objective,
             n_trials=1,
