@@ -15,9 +15,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
-    """Base for every schema: unknown keys are errors, values are not coerced across types."""
+    """Base for every schema: unknown keys are errors, values are not coerced across types, and
+    NaN / infinity are refused in every float field (no field of any format means them)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=False, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=False, frozen=False, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 def read_yaml(path: str | Path) -> Any:

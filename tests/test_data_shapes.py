@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -65,6 +66,69 @@ def test_caption_names_every_label():
         assert r["background"] in r["text"]
     texts = {shapes.sample(i, seed=0)[1]["text"].split(" ")[0] for i in range(200)}
     assert len(texts) >= 3, "captions should use several templates"
+
+
+PREPOSITIONS = {"in", "on", "at", "of", "with", "against"}
+ARTICLES = {"a", "an", "the"}
+
+
+def grammar_defects(text: str) -> list[str]:
+    """Slot-filling defects: a preposition or article followed by a preposition ("a picture of in
+    the top left"), an article followed by an article, a bare noun phrase after "of"/"with", "a"
+    before a vowel, doubled spaces or commas, an empty slot, a dangling word at the end."""
+    found = []
+    if text != text.strip() or "  " in text or ", ," in text or ",," in text or " ," in text:
+        found.append("spacing or empty slot")
+    if "{" in text or "}" in text or not text:
+        found.append("unfilled template")
+    words = [w.strip(",;") for w in text.split()]
+    for first, second in itertools.pairwise(words):
+        if first in PREPOSITIONS | ARTICLES and second in PREPOSITIONS:
+            found.append(f"{first!r} before {second!r}")
+        if first in ARTICLES and second in ARTICLES:
+            found.append(f"{first!r} before {second!r}")
+        if first in ("of", "with") and second in shapes.SIZES:
+            found.append(f"no article after {first!r}")
+        if first == "a" and second[:1] in "aeiou":
+            found.append(f"'a {second}'")
+    if words and words[-1] in PREPOSITIONS | ARTICLES | {"and"}:
+        found.append(f"ends with {words[-1]!r}")
+    return found
+
+
+def test_the_checker_catches_the_reported_defect():
+    assert grammar_defects("a picture of in the top left, a large red triangle, gray background")
+    assert grammar_defects("an image with large red triangle on the left against gray")
+    assert not grammar_defects("a picture of a large red triangle in the top left, gray background")
+
+
+def test_every_template_and_phrase_form_reads_as_english():
+    """Every template x every phrase form of each object x every position, one and two objects."""
+    scenes = [
+        {"objects": [{"shape": "triangle", "colour": "orange", "size": size, "position": position}],
+         "background": "gray"}
+        for size in shapes.SIZES for position in shapes.POSITION_NAMES
+    ]  # fmt: skip
+    scenes += [
+        {"objects": [{"shape": "circle", "colour": "red", "size": "small", "position": first},
+                     {"shape": "cross", "colour": "blue", "size": "large", "position": second}],
+         "background": "white"}
+        for first in shapes.POSITION_NAMES for second in shapes.POSITION_NAMES if first != second
+    ]  # fmt: skip
+    for template in shapes.TEMPLATES:
+        for scene in scenes:
+            for a in shapes.PHRASE_FORMS:
+                for b in shapes.PHRASE_FORMS:
+                    text = shapes.fill(template, scene, [a, b][: len(scene["objects"])])
+                    assert not grammar_defects(text), (text, grammar_defects(text))
+
+
+def test_the_dataset_captions_read_as_english():
+    """A large seeded sample of what `nas data shapes` writes (the quickstart's 2,000 and more)."""
+    texts = [shapes.sample(i, seed=0)[1]["text"] for i in range(3000)]
+    bad = [t for t in texts if grammar_defects(t)]
+    assert not bad, bad[:5]
+    assert {t.split(" ")[0] for t in texts} >= {"a", "an", "on"}  # several templates in use
 
 
 def test_pixels_show_the_labels():

@@ -34,13 +34,19 @@ def _fmt(n: float) -> str:
 
 
 def _check_args(args) -> None:
-    for name in ("batch", "iters"):
-        if getattr(args, name) < 1:
-            raise NasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.tokens is not None and args.tokens < 1:
-        raise NasError(f"--tokens must be >= 1, got {args.tokens}")
-    if args.warmup < 0:
-        raise NasError(f"--warmup must be >= 0, got {args.warmup}")
+    from nas import limits as L
+
+    # flag -> (smallest, largest); the same bounds as the space file's `latency:` (nas/limits.py)
+    ranges = {
+        "batch": (1, L.MAX_LATENCY_BATCH),
+        "tokens": (1, L.MAX_TEXT_LEN),
+        "warmup": (0, L.MAX_LATENCY_WARMUP),
+        "iters": (1, L.MAX_LATENCY_ITERS),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise NasError(f"--{name} must be in {low}..{high}, got {value}")
     if args.device.startswith("cuda"):
         import torch
 

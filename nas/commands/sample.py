@@ -50,8 +50,12 @@ def check_device(device: str) -> None:
 
 
 def settings_from(args, steps: int | None = None):
+    from nas import limits as L
+    from nas.errors import NasError
     from nas.sample import SampleSettings
 
+    if not 0 <= args.seed <= L.MAX_SEED:
+        raise NasError(f"--seed must be in 0..{L.MAX_SEED}, got {args.seed}")
     return SampleSettings(
         steps=args.steps if steps is None else steps,
         guidance=args.guidance,
@@ -62,12 +66,13 @@ def settings_from(args, steps: int | None = None):
 
 
 def run(args) -> int:
+    from nas import limits as L
     from nas.errors import NasError
     from nas.sample import read_prompts, sample_run
 
     settings = settings_from(args)
-    if args.n < 1:
-        raise NasError(f"--n must be >= 1, got {args.n}")
+    if not 1 <= args.n <= L.MAX_IMAGES:
+        raise NasError(f"--n must be in 1..{L.MAX_IMAGES}, got {args.n}")
     check_device(args.device)
     prompts = read_prompts(args.prompt, args.prompts_file)
     out = args.out or args.run / "samples" / f"{args.scheduler}-{args.steps}-seed{args.seed}"

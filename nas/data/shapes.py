@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from nas import limits as L
 from nas.errors import NasError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -50,7 +51,8 @@ SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges, so sizes diffe
 JITTER = 0.03  # object centre jitter, fraction of the image side
 COLOUR_JITTER = 12  # per channel, 0..255: colours vary a little without crossing into a neighbour
 
-# One object: "{o}" is "[a ]{size} {colour} {shape} {position phrase}". Two objects join with "and".
+# One object is "a {size} {colour} {shape} {where}", "{size} {colour} {shape} {where}" or, fronted,
+# "{where}, a {size} {colour} {shape}"; two objects join with "and".
 TEMPLATES = (
     "{objects} on a {bg} background",
     "on a {bg} background, {objects}",
@@ -58,6 +60,10 @@ TEMPLATES = (
     "{objects}; the background is {bg}",
     "an image with {objects} against {bg}",
 )
+# Templates whose {objects} slot follows a preposition ("of", "with"): only a noun phrase with its
+# article reads there ("a picture of a large red triangle in the top left", never "a picture of in
+# the top left, ..." or "an image with large red triangle ...").
+AFTER_PREPOSITION = frozenset(t for t in TEMPLATES if t.split("{objects}")[0].endswith(("of ", "with ")))
 
 
 def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> dict:
@@ -83,18 +89,39 @@ def split_of(scene: dict, val_fraction: float) -> str:
     return "validation" if unit < val_fraction else "train"
 
 
-def caption(scene: dict, rng: np.random.Generator) -> str:
-    """One of TEMPLATES filled from the labels; article and word order vary."""
-    phrases = []
-    for obj in scene["objects"]:
-        where = dict(POSITIONS)[obj["position"]]
-        words = f"{obj['size']} {obj['colour']} {obj['shape']}"
-        if rng.random() < 0.5:
-            phrases.append(f"a {words} {where}")
-        else:
-            phrases.append(f"{where}, a {words}" if rng.random() < 0.5 else f"{words} {where}")
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+PHRASE_FORMS = ("article", "fronted", "bare")  # the three ways one object is named (above)
+
+
+def object_phrase(obj: dict, form: str) -> str:
+    """One object named in one of PHRASE_FORMS."""
+    where = dict(POSITIONS)[obj["position"]]
+    words = f"{obj['size']} {obj['colour']} {obj['shape']}"
+    return {"article": f"a {words} {where}", "fronted": f"{where}, a {words}", "bare": f"{words} {where}"}[
+        form
+    ]
+
+
+def fill(template: str, scene: dict, forms: list[str]) -> str:
+    """`template` with the scene's objects named in `forms` (one per object); after a preposition
+    every object takes the article form, whatever was drawn."""
+    if template in AFTER_PREPOSITION:
+        forms = ["article"] * len(forms)
+    phrases = [object_phrase(obj, form) for obj, form in zip(scene["objects"], forms)]
     return template.format(objects=" and ".join(phrases), bg=scene["background"])
+
+
+def caption(scene: dict, rng: np.random.Generator) -> str:
+    """One of TEMPLATES filled from the labels; article and word order vary. The draws (one or two
+    per object, then the template) are the same whatever the template, so the image drawn after
+    the caption from the same generator does not depend on the wording."""
+    forms = []
+    for _obj in scene["objects"]:
+        if rng.random() < 0.5:
+            forms.append("article")
+        else:
+            forms.append("fronted" if rng.random() < 0.5 else "bare")
+    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    return fill(template, scene, forms)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -180,11 +207,14 @@ def generate(
             yield image, record
 
 
-def check_args(n: int, size: int, val_fraction: float) -> None:
-    if n < 1:
-        raise NasError(f"--n: must be at least 1 (got {n})")
-    if not 8 <= size <= 1024:
-        raise NasError(f"--size: must be between 8 and 1024 pixels (got {size})")
+def check_args(n: int, size: int, val_fraction: float, seed: int = 0) -> None:
+    """One-line NasError for an argument out of its range (bounds: nas/limits.py)."""
+    if not 1 <= n <= L.MAX_DATA_ITEMS:
+        raise NasError(f"--n: must be in 1..{L.MAX_DATA_ITEMS} (got {n})")
+    if not 8 <= size <= L.MAX_IMAGE_SIZE:
+        raise NasError(f"--size: must be between 8 and {L.MAX_IMAGE_SIZE} pixels (got {size})")
+    if not 0 <= seed <= L.MAX_SEED:  # numpy's generators take no negative seed
+        raise NasError(f"--seed: must be in 0..{L.MAX_SEED} (got {seed})")
     if not 0.0 <= val_fraction < 1.0:
         raise NasError(f"--val-fraction: must be in [0, 1) (got {val_fraction})")
 
@@ -195,7 +225,7 @@ def write(out: str | Path, n: int, size: int = 32, seed: int = 0, val_fraction: 
     The layout is diffusers' image folder with one folder per split, so the default dataset goes
     through the same reader as user data. Refuses a folder that already holds a dataset.
     """
-    check_args(n, size, val_fraction)
+    check_args(n, size, val_fraction, seed)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NasError(f"{out}: exists and is not a folder")

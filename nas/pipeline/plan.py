@@ -19,10 +19,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from nas import limits as L
 from nas.config import Strict, read_yaml
 from nas.errors import NasError
 from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
@@ -43,9 +44,10 @@ RESUMABLE = {"precompute", "search", "train", "variants"}  # rerun the same comm
 
 
 class ShapesData(Strict):
-    n: int = Field(2000, ge=10)  # images (train + validation)
-    size: int = Field(32, ge=8)  # pixels, square
-    seed: int = 0
+    # Upper bounds: nas/limits.py
+    n: int = Field(2000, ge=10, le=L.MAX_DATA_ITEMS)  # images (train + validation)
+    size: int = Field(32, ge=8, le=L.MAX_IMAGE_SIZE)  # pixels, square
+    seed: int = Field(0, ge=0, le=L.MAX_SEED)
 
 
 class DataStage(Strict):
@@ -72,11 +74,11 @@ class PrecomputeStage(Strict):
 
 class SearchStage(Strict):
     space: str  # search-space YAML, relative to the experiment file
-    trials: int = Field(12, ge=1)
+    trials: int = Field(12, ge=1, le=L.MAX_TRIALS)
     sampler: str = "tpe"
     backend: str = "optuna"
-    workers: int = Field(1, ge=1)
-    seed: int = 0
+    workers: int = Field(1, ge=1, le=L.MAX_WORKERS)
+    seed: int = Field(0, ge=0, le=L.MAX_SEED)
 
 
 class ExportStage(Strict):
@@ -85,21 +87,21 @@ class ExportStage(Strict):
 
 class TrainStage(Strict):
     config: str = "tiny"  # preset name or train config YAML (relative to the experiment file)
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)
     set: list[str] = []  # `--set` overrides, e.g. ["lr=2e-3"]
 
 
 class SampleStage(Strict):
     prompts: list[str] = []  # default: captions held out of training
-    steps: int = Field(30, ge=1)
-    guidance: float = 4.0
-    n: int = Field(1, ge=1)  # images per prompt
-    seed: int = 0
+    steps: int = Field(30, ge=1, le=L.MAX_SAMPLE_STEPS)
+    guidance: float = Field(4.0, ge=1, le=L.MAX_GUIDANCE)  # 1 = no classifier-free guidance
+    n: int = Field(1, ge=1, le=L.MAX_IMAGES)  # images per prompt
+    seed: int = Field(0, ge=0, le=L.MAX_SEED)
 
 
 class EvaluateStage(Strict):
-    steps: list[int] = [10, 20, 30, 50]
-    n: int = Field(100, ge=2)  # images per step count
+    steps: list[Annotated[int, Field(ge=1, le=L.MAX_SAMPLE_STEPS)]] = Field([10, 20, 30, 50], max_length=100)
+    n: int = Field(100, ge=2, le=L.MAX_IMAGES)  # images per step count
 
 
 class Experiment(Strict):

@@ -23,10 +23,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from nas import limits as L
 from nas.config import Strict
 from nas.errors import NasError
 
@@ -35,8 +36,9 @@ SEARCHED = "searched"  # the exported architecture
 
 
 class VariantEval(Strict):
-    steps: list[int] | None = None  # default: the evaluate stage's step counts
-    n: int | None = Field(None, ge=2)  # default: the evaluate stage's n
+    # default: the evaluate stage's step counts; bounds in nas/limits.py
+    steps: list[Annotated[int, Field(ge=1, le=L.MAX_SAMPLE_STEPS)]] | None = Field(None, max_length=100)
+    n: int | None = Field(None, ge=2, le=L.MAX_IMAGES)  # default: the evaluate stage's n
     spacing: Literal["trailing", "leading", "linspace"] | None = None  # default: nas eval's (trailing)
     weights: Literal["auto", "ema", "raw"] = "auto"  # raw: the EMA ablation
 
@@ -46,7 +48,7 @@ class Variant(Strict):
     label: str = ""  # for tables and plots; default: the name
     arch: str | None = None  # "searched" or an architecture YAML (relative to the experiment file)
     config: str | None = None  # train preset or config YAML; default: the train stage's
-    max_steps: int | None = Field(None, ge=1)  # default: the train stage's
+    max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)  # default: the train stage's
     set: list[str] = []  # `nas train --set` overrides, e.g. ["diffusion.min_snr_gamma=null"]
     reuse: str | None = None  # evaluate this trained run instead of training: "main" or a variant
     eval: VariantEval = VariantEval()
@@ -70,12 +72,14 @@ class Variant(Strict):
 class Compare(Strict):
     baseline: str  # a variant name (or "main")
     candidate: str = MAIN
-    match_steps: int = Field(50, ge=1)  # the baseline's step count the candidate must match
-    ablation_steps: int = Field(30, ge=1)  # step count of the ablation table (the seed's 30)
+    # the baseline's step count the candidate must match
+    match_steps: int = Field(50, ge=1, le=L.MAX_SAMPLE_STEPS)
+    # step count of the ablation table (the seed's 30)
+    ablation_steps: int = Field(30, ge=1, le=L.MAX_SAMPLE_STEPS)
 
 
 class VariantsStage(Strict):
-    workers: int = Field(1, ge=1)  # variants trained / evaluated at once
+    workers: int = Field(1, ge=1, le=L.MAX_WORKERS)  # variants trained / evaluated at once
     runs: list[Variant] = Field(min_length=1)
     compare: Compare | None = None
 

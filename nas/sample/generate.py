@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nas import limits as L
 from nas.errors import NasError
 from nas.sample.run import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
 
@@ -36,12 +37,16 @@ class SampleSettings:
     batch_size: int = 8  # images per pipeline call (CFG doubles the U-Net batch)
 
     def check(self) -> SampleSettings:
-        if self.steps < 1:
-            raise NasError(f"--steps must be >= 1, got {self.steps}")
-        if not math.isfinite(self.guidance) or self.guidance < 1:
-            raise NasError(f"--guidance must be >= 1 (1 = no classifier-free guidance), got {self.guidance}")
-        if self.batch_size < 1:
-            raise NasError(f"--batch-size must be >= 1, got {self.batch_size}")
+        """One-line NasError for a setting out of its range (bounds: nas/limits.py)."""
+        if not 1 <= self.steps <= L.MAX_SAMPLE_STEPS:
+            raise NasError(f"--steps must be in 1..{L.MAX_SAMPLE_STEPS}, got {self.steps}")
+        if not math.isfinite(self.guidance) or not 1 <= self.guidance <= L.MAX_GUIDANCE:
+            raise NasError(
+                f"--guidance must be in 1..{L.MAX_GUIDANCE:g} (1 = no classifier-free guidance),"
+                f" got {self.guidance}"
+            )
+        if not 1 <= self.batch_size <= L.MAX_SAMPLE_BATCH:
+            raise NasError(f"--batch-size must be in 1..{L.MAX_SAMPLE_BATCH}, got {self.batch_size}")
         if self.scheduler not in SCHEDULERS:
             raise NasError(
                 f"--scheduler {self.scheduler!r}: unknown scheduler (allowed: {', '.join(SCHEDULERS)})"

@@ -193,25 +193,40 @@ def canonical(arch: Arch) -> dict[str, Any]:
     return data
 
 
-def _level_count(ls: LevelSpace) -> int:
-    """Distinct architectures of one level (head choice matters only where there is attention)."""
-    ups = ls.up_attentions.values() if ls.up_attentions is not None else None
-    total = 0
-    for _channels in ls.channels:
-        for r in ls.resnets.values():
-            for a in ls.attentions.values():
-                for u in ups if ups is not None else [mirrored_up_attentions(a, r)]:
-                    total += len(ls.head_choices) if (a or u) else 1
-    return total
+def _level_counts(ls: LevelSpace) -> tuple[int, int]:
+    """Distinct architectures of one level: (its head choice matters only where the level has
+    attention, it matters always). The second is the lowest level under a mid block with
+    attention, which uses that level's heads. Arithmetic over the ranges, nothing enumerated."""
+    channels, resnets, heads = len(ls.channels), _span(ls.resnets), len(ls.head_choices)
+    if ls.up_attentions is None:  # mirrored: the up path has attention exactly when the down path has
+        pairs, bare = _span(ls.attentions), int(ls.attentions.min == 0)
+    else:
+        pairs = _span(ls.attentions) * _span(ls.up_attentions)
+        bare = int(ls.attentions.min == 0 and ls.up_attentions.min == 0)  # (0, 0): no attention
+    per_layout = channels * resnets
+    return per_layout * (bare + (pairs - bare) * heads), per_layout * pairs * heads
+
+
+def _span(r: IntRange) -> int:
+    return r.max - r.min + 1
 
 
 def space_size(space: Space) -> int:
-    """Number of distinct architectures in the space."""
-    mid = 1
+    """Number of distinct architectures in the space (as `canonical` tells them apart), by
+    arithmetic: a product over levels per depth, summed over depths. Instant for any size."""
+    mid_plain, mid_attention = 1, 0  # mid-block configurations without / with attention
     if space.mid is not None:
-        mid = len(space.mid.resnets.values()) * len(space.mid.attentions.values()) + int(space.mid.optional)
-    per_level = [_level_count(ls) for ls in space.levels]
-    return sum(prod(per_level[:d]) * mid for d in space.depth.values())
+        m = space.mid
+        no_attention = int(m.attentions.min == 0)
+        mid_plain = int(m.optional) + _span(m.resnets) * no_attention
+        mid_attention = _span(m.resnets) * (_span(m.attentions) - no_attention)
+    counts = [_level_counts(ls) for ls in space.levels]
+    total = 0
+    for depth in space.depth.values():
+        upper = prod(plain for plain, _ in counts[: depth - 1])
+        plain, always = counts[depth - 1]
+        total += upper * (mid_plain * plain + mid_attention * always)
+    return total
 
 
 def extreme_archs(space: Space) -> list[tuple[int, Arch, Arch]]:

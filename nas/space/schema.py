@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from nas import limits as L
 from nas.config import Strict
 
 METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and budgets may name
@@ -21,19 +22,23 @@ METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and 
 class Settings(Strict):
     """Fixed for every point of a space; must match the VAE and text encoder the U-Net is used with."""
 
-    latent_channels: int = Field(4, ge=1)  # VAE latent channels (SD: 4)
-    latent_size: int = Field(64, ge=1)  # latent height = width (SD 1.5: 512 px / 8 = 64)
-    cross_attention_dim: int = Field(768, ge=1)  # text encoder hidden size (CLIP ViT-L/14: 768)
-    text_len: int = Field(77, ge=1)  # tokens per caption (CLIP: 77)
-    norm_num_groups: int = Field(32, ge=1)  # GroupNorm groups (SD: 32); divides every channel count
+    # Upper bounds: nas/limits.py (each with the figures of real models it leaves room for).
+    latent_channels: int = Field(4, ge=1, le=L.MAX_LATENT_CHANNELS)  # VAE latent channels (SD: 4)
+    latent_size: int = Field(64, ge=1, le=L.MAX_LATENT_SIZE)  # latent side (SD 1.5: 512 px / 8 = 64)
+    # text encoder hidden size (CLIP ViT-L/14: 768)
+    cross_attention_dim: int = Field(768, ge=1, le=L.MAX_CROSS_ATTENTION_DIM)
+    text_len: int = Field(77, ge=1, le=L.MAX_TEXT_LEN)  # tokens per caption (CLIP: 77)
+    # GroupNorm groups (SD: 32); divides every channel count
+    norm_num_groups: int = Field(32, ge=1, le=L.MAX_NORM_GROUPS)
     use_linear_projection: bool = False  # transformer proj_in/out as Linear (SD 2.x) or 1x1 conv (SD 1.x)
 
 
 class IntRange(Strict):
-    """An inclusive integer range, written {min: A, max: B}."""
+    """An inclusive integer range, written {min: A, max: B}. The field holding it bounds `max`
+    (`_within`); the cap here only keeps a typo from reaching arithmetic on a huge number."""
 
-    min: int = Field(ge=0)
-    max: int = Field(ge=0)
+    min: int = Field(ge=0, le=L.MAX_STEPS)
+    max: int = Field(ge=0, le=L.MAX_STEPS)
 
     @model_validator(mode="after")
     def _ordered(self) -> IntRange:
@@ -45,11 +50,31 @@ class IntRange(Strict):
         return list(range(self.min, self.max + 1))
 
 
-def _positive_unique(values: list[int], what: str) -> list[int]:
+def _within(r: IntRange, what: str, low: int, high: int) -> IntRange:
+    """`r` inside low..high, or a ValueError naming the field and the allowed range."""
+    if r.min < low or r.max > high:
+        raise ValueError(f"{what} must lie in {low}..{high}, got {{min: {r.min}, max: {r.max}}}")
+    return r
+
+
+# Choice lists of a level: field -> largest allowed value (see nas/limits.py).
+CHOICE_LIMITS = {"channels": L.MAX_CHANNELS, "heads": L.MAX_HEADS, "head_dim": L.MAX_CHANNELS}
+# Range fields of a level and of the mid block: field -> (smallest min, largest max).
+RANGE_LIMITS = {
+    "resnets": (1, L.MAX_RESNETS),  # a level needs a ResNet layer
+    "attentions": (0, L.MAX_ATTENTIONS),  # 0 = no attention
+    "up_attentions": (0, L.MAX_ATTENTIONS),
+}
+MID_LIMITS = {"resnets": (1, L.MAX_MID_RESNETS), "attentions": (0, L.MAX_ATTENTIONS)}
+
+
+def _positive_unique(values: list[int], what: str, high: int) -> list[int]:
     if not values:
         raise ValueError(f"{what}: give at least one choice")
-    if any(v <= 0 for v in values):
-        raise ValueError(f"{what}: every choice must be a positive integer, got {values}")
+    if len(values) > L.MAX_CHOICES:
+        raise ValueError(f"{what}: at most {L.MAX_CHOICES} choices, got {len(values)}")
+    if any(not 1 <= v <= high for v in values):
+        raise ValueError(f"{what}: every choice must be an integer in 1..{high}, got {values}")
     if len(set(values)) != len(values):
         raise ValueError(f"{what}: choices repeat, got {values}")
     return values
@@ -68,14 +93,12 @@ class LevelSpace(Strict):
     @field_validator("channels", "heads", "head_dim")
     @classmethod
     def _choices(cls, v: list[int] | None, info) -> list[int] | None:
-        return None if v is None else _positive_unique(v, info.field_name)
+        return None if v is None else _positive_unique(v, info.field_name, CHOICE_LIMITS[info.field_name])
 
-    @field_validator("resnets")
+    @field_validator("resnets", "attentions", "up_attentions")
     @classmethod
-    def _at_least_one_resnet(cls, v: IntRange) -> IntRange:
-        if v.min < 1:
-            raise ValueError("resnets.min must be >= 1 (a level needs a ResNet layer)")
-        return v
+    def _ranges(cls, v: IntRange | None, info) -> IntRange | None:
+        return None if v is None else _within(v, info.field_name, *RANGE_LIMITS[info.field_name])
 
     @model_validator(mode="after")
     def _one_head_spec(self) -> LevelSpace:
@@ -99,12 +122,11 @@ class MidSpace(Strict):
     attentions: IntRange = IntRange(min=1, max=1)
     optional: bool = False  # may the search drop the mid block altogether?
 
-    @field_validator("resnets")
+    @field_validator("resnets", "attentions")
     @classmethod
-    def _at_least_one_resnet(cls, v: IntRange) -> IntRange:
-        if v.min < 1:
-            raise ValueError("resnets.min must be >= 1 (use optional: true to allow no mid block)")
-        return v
+    def _ranges(cls, v: IntRange, info) -> IntRange:
+        # resnets.min >= 1: use optional: true to allow no mid block
+        return _within(v, info.field_name, *MID_LIMITS[info.field_name])
 
 
 class Objective(Strict):
@@ -124,10 +146,12 @@ class LatencySetup(Strict):
     """How the search measures latency (batch 1 at the space's latent size unless set)."""
 
     device: str = "cpu"  # torch device string: cpu, cuda, cuda:1, mps
-    batch: int = Field(1, ge=1)  # latents per forward (classifier-free guidance doubles it in practice)
+    # latents per forward (classifier-free guidance doubles it in practice)
+    batch: int = Field(1, ge=1, le=L.MAX_LATENCY_BATCH)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    warmup: int = Field(3, ge=0)  # untimed forwards first (allocator, caches, compile)
-    iters: int = Field(10, ge=1)  # timed forwards; median and p90 reported
+    # untimed forwards first (allocator, caches, compile)
+    warmup: int = Field(3, ge=0, le=L.MAX_LATENCY_WARMUP)
+    iters: int = Field(10, ge=1, le=L.MAX_LATENCY_ITERS)  # timed forwards; median and p90 reported
 
 
 class ZeroCost(Strict):
@@ -138,18 +162,19 @@ class ZeroCost(Strict):
 
     proxy: Literal["grad_norm", "snip", "synflow"] = "grad_norm"
     prune_below_quantile: float = Field(0.0, ge=0, lt=1)  # 0: record the score only, never prune
-    warmup_trials: int = Field(5, ge=1)  # scores needed before pruning starts
-    batch_size: int = Field(8, ge=1)  # cache items scored
+    warmup_trials: int = Field(5, ge=1, le=L.MAX_TRIALS)  # scores needed before pruning starts
+    batch_size: int = Field(8, ge=1, le=L.MAX_BATCH)  # cache items scored
 
 
 class ProxySetup(Strict):
     """Short training that scores a candidate (the search's fidelity knob: see proxy fidelity)."""
 
-    steps: int = Field(200, ge=1)  # optimizer steps per trial
-    report_every: int = Field(50, ge=1)  # steps between validation losses (pruning points)
+    steps: int = Field(200, ge=1, le=L.MAX_STEPS)  # optimizer steps per trial
+    # steps between validation losses (pruning points)
+    report_every: int = Field(50, ge=1, le=L.MAX_STEPS)
     recipe: str = "decidiffusion"  # training preset name or a train config YAML (nas train)
     overrides: dict[str, Any] = {}  # train config keys to change, e.g. {batch_size: 16, lr: 1.0e-3}
-    seed: int = 0  # same seed for every trial: candidates differ only by architecture
+    seed: int = Field(0, ge=0, le=L.MAX_SEED)  # same for every trial: candidates differ only by arch
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = (
         "hyperband"  # single objective only
     )
@@ -162,8 +187,9 @@ class Space(Strict):
     name: str
     description: str = ""
     settings: Settings = Settings()
-    depth: IntRange  # number of resolution levels
-    levels: list[LevelSpace]  # one entry per level up to depth.max, highest resolution first
+    depth: IntRange  # number of resolution levels, 1..MAX_LEVELS
+    # one entry per level up to depth.max, highest resolution first
+    levels: list[LevelSpace] = Field(max_length=L.MAX_LEVELS)
     mid: MidSpace | None = MidSpace()  # null: no mid block in any point
     objectives: list[Objective] = [Objective(metric="proxy_loss"), Objective(metric="latency_ms")]
     budgets: Budgets = Budgets()
@@ -178,10 +204,13 @@ class Space(Strict):
             data["mid"] = None
         return data
 
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, v: IntRange) -> IntRange:
+        return _within(v, "depth", 1, L.MAX_LEVELS)
+
     @model_validator(mode="after")
     def _consistent(self) -> Space:
-        if self.depth.min < 1:
-            raise ValueError("depth.min must be >= 1")
         if len(self.levels) != self.depth.max:
             raise ValueError(
                 f"levels: give one entry per level up to depth.max={self.depth.max}, got {len(self.levels)}"
@@ -215,12 +244,14 @@ class Space(Strict):
 class ArchLevel(Strict):
     """One level of a concrete architecture."""
 
-    channels: int = Field(ge=1)
-    resnets: int = Field(ge=1)  # down path; the up path has resnets + 1
-    attentions: int = Field(0, ge=0)  # transformer layers on the down path
-    up_attentions: int = Field(0, ge=0)  # transformer layers on the up path
-    heads: int | None = Field(None, ge=1)  # attention head count ...
-    head_dim: int | None = Field(None, ge=1)  # ... or head size; exactly one if the level has attention
+    # Upper bounds: nas/limits.py (each with the figures of real models it leaves room for).
+    channels: int = Field(ge=1, le=L.MAX_CHANNELS)
+    resnets: int = Field(ge=1, le=L.MAX_RESNETS)  # down path; the up path has resnets + 1
+    attentions: int = Field(0, ge=0, le=L.MAX_ATTENTIONS)  # transformer layers on the down path
+    up_attentions: int = Field(0, ge=0, le=L.MAX_ATTENTIONS)  # transformer layers on the up path
+    heads: int | None = Field(None, ge=1, le=L.MAX_HEADS)  # attention head count ...
+    # ... or head size; exactly one if the level has attention
+    head_dim: int | None = Field(None, ge=1, le=L.MAX_CHANNELS)
 
     @model_validator(mode="after")
     def _heads(self) -> ArchLevel:
@@ -240,8 +271,8 @@ class ArchLevel(Strict):
 
 
 class ArchMid(Strict):
-    resnets: int = Field(2, ge=1)
-    attentions: int = Field(1, ge=0)
+    resnets: int = Field(2, ge=1, le=L.MAX_MID_RESNETS)
+    attentions: int = Field(1, ge=0, le=L.MAX_ATTENTIONS)
 
 
 class Arch(Strict):
@@ -249,7 +280,7 @@ class Arch(Strict):
 
     name: str = "unnamed"
     settings: Settings = Settings()
-    levels: list[ArchLevel] = Field(min_length=1)  # highest resolution first
+    levels: list[ArchLevel] = Field(min_length=1, max_length=L.MAX_LEVELS)  # highest resolution first
     mid: ArchMid | None = ArchMid()  # null: no mid block (a missing key means the SD-style default)
 
     def to_data(self) -> dict[str, Any]:

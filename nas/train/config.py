@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
+from nas import limits as L
 from nas.config import Strict, read_yaml, validate
 from nas.diffusion import Recipe
 from nas.errors import NasError
@@ -62,36 +63,49 @@ class TrainConfig(Strict):
     diffusion: Recipe = Recipe()  # noise schedule, prediction type, Min-SNR (nas/diffusion.py)
     ema: EMAConfig | None = EMAConfig()  # null: no EMA
 
-    seed: int = 0  # seeds model init, data order, latent draws, noise, timesteps, caption drop
-    max_steps: int = Field(10_000, ge=1)  # optimizer steps
-    batch_size: int = Field(32, ge=1)  # samples per process per micro-step
-    grad_accum: int = Field(1, ge=1)  # micro-steps per optimizer step (global batch = batch * accum * GPUs)
+    # Upper bounds: nas/limits.py (each with the figures of real runs it leaves room for); NaN and
+    # infinity are refused in every float field (nas.config.Strict).
+    # seeds model init, data order, latent draws, noise, timesteps, caption drop
+    seed: int = Field(0, ge=0, le=L.MAX_SEED)
+    max_steps: int = Field(10_000, ge=1, le=L.MAX_STEPS)  # optimizer steps
+    batch_size: int = Field(32, ge=1, le=L.MAX_BATCH)  # samples per process per micro-step
+    # micro-steps per optimizer step (global batch = batch * accum * GPUs)
+    grad_accum: int = Field(1, ge=1, le=L.MAX_GRAD_ACCUM)
 
-    lr: float = Field(1e-4, gt=0)  # AdamW peak learning rate (SD 1.5 / diffusers text-to-image: 1e-4)
+    # AdamW peak learning rate (SD 1.5 / diffusers text-to-image: 1e-4)
+    lr: float = Field(1e-4, gt=0, le=L.MAX_LR)
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"  # after warm-up
-    warmup_steps: int = Field(500, ge=0)  # linear LR warm-up, optimizer steps (SD: 10k at batch 2048)
+    # linear LR warm-up, optimizer steps (SD: 10k at batch 2048)
+    warmup_steps: int = Field(500, ge=0, le=L.MAX_STEPS)
     adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW defaults (Loshchilov & Hutter 2019)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)  # decoupled weight decay (diffusers text-to-image: 1e-2)
-    grad_clip: float | None = Field(1.0, gt=0)  # max global gradient norm; null = no clipping
+    adam_eps: float = Field(1e-8, gt=0, le=1)  # added to sqrt(v); PyTorch default 1e-8
+    # decoupled weight decay (diffusers text-to-image: 1e-2)
+    weight_decay: float = Field(1e-2, ge=0, le=L.MAX_WEIGHT_DECAY)
+    # max global gradient norm; null = no clipping
+    grad_clip: float | None = Field(1.0, gt=0, le=L.MAX_GRAD_CLIP)
 
     # probability that a caption is replaced by the empty caption: classifier-free guidance
     # training (Ho & Salimans 2022; SD 1.5 fine-tuning: 0.1)
     cfg_drop: float = Field(0.1, ge=0, le=1)
     # background processes preparing batches (latent draws, noise) ahead of the GPU; 0 = in the
     # training process, enough on CPU and for small latents; e.g. 4 for SD-size latents on a GPU
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=L.MAX_WORKERS)
     # autocast: auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU (weights stay fp32)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
 
-    val_items: int = Field(64, ge=1)  # last N cache items, held out: never trained on
-    val_timesteps: int = Field(4, ge=1)  # (item, timestep, noise) triples per held-out item
-    val_seed: int = 1234  # fixed, so validation triples match across runs and architectures
-    val_every: int = Field(500, ge=1)  # optimizer steps between validation losses
-    log_every: int = Field(10, ge=1)  # optimizer steps between metrics.csv rows
-    checkpoint_every: int = Field(1000, ge=1)  # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept on disk
+    # last N cache items, held out: never trained on
+    val_items: int = Field(64, ge=1, le=L.MAX_VAL_ITEMS)
+    # (item, timestep, noise) triples per held-out item
+    val_timesteps: int = Field(4, ge=1, le=L.MAX_VAL_TIMESTEPS)
+    # fixed, so validation triples match across runs and architectures
+    val_seed: int = Field(1234, ge=0, le=L.MAX_SEED)
+    val_every: int = Field(500, ge=1, le=L.MAX_STEPS)  # optimizer steps between validation losses
+    log_every: int = Field(10, ge=1, le=L.MAX_STEPS)  # optimizer steps between metrics.csv rows
+    # optimizer steps between checkpoints (and one at the end)
+    checkpoint_every: int = Field(1000, ge=1, le=L.MAX_STEPS)
+    # newest checkpoints kept on disk
+    keep_checkpoints: int = Field(2, ge=1, le=L.MAX_KEEP_CHECKPOINTS)
 
     def global_batch(self, processes: int = 1) -> int:
         return self.batch_size * self.grad_accum * processes
