@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default (no multi-GB CUDA download). With a GPU: make setup TORCH="torch --index-url ..."
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-gpu lint clean
+.PHONY: setup demo test test-slow test-gpu test-postgres lint clean
 
 $(BIN)/nas: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow
+
+# The PostgreSQL tests alone, required to run (a throwaway server from Debian's postgresql package).
+test-postgres: setup
+	NAS_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/test_scaleout_postgres.py
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu
