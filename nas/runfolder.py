@@ -174,6 +174,37 @@ def portable(path: str | Path | None, base: Path = REPO) -> str | None:
         return str(path)
 
 
+def relative_paths(data: Any, base: Path) -> Any:
+    """`data` (parsed JSON) with every absolute path inside `base` made relative to `base`, and every
+    other one inside the repository made relative to the repository root; others are kept."""
+    if isinstance(data, dict):
+        return {k: relative_paths(v, base) for k, v in data.items()}
+    if isinstance(data, list):
+        return [relative_paths(v, base) for v in data]
+    if isinstance(data, str) and os.path.isabs(data) and "\n" not in data:
+        for root in (base, REPO):
+            relative = portable(data, root)
+            if relative != data:
+                return relative
+    return data
+
+
+# ---- the experiment folder of `nas run` -------------------------------------------------------
+
+MAIN = "main"  # the experiment's own train + evaluate stages (variants have their own names)
+EVAL_FILE = "eval.json"  # written by `nas eval` into its --out folder
+
+
+def run_folder(root: Path, name: str) -> Path:
+    """Folder of a trained run in results/<experiment>/: the main one, or variants/<name>/run."""
+    return root / "train" / "run" if name == MAIN else root / "variants" / name / "run"
+
+
+def eval_folder(root: Path, name: str) -> Path:
+    """Folder of `nas eval`'s output for a run: the evaluate stage's, or variants/<name>/eval."""
+    return root / "evaluate" / "eval" if name == MAIN else root / "variants" / name / "eval"
+
+
 # ---- the folder --------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nas.cli import main
-from nas.compare import VOTES_FORMAT, build_compare, render_page, tally
+from nas.evaluate.ab_page import VOTES_FORMAT, build_compare, render_page, tally
 from nas.errors import NasError
 from nas.sample import SampleSettings
 

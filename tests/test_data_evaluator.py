@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nas.data import evaluator as ev
+from nas.evaluate import shapes_evaluator as ev
 from nas.data import shapes
 from nas.errors import NasError
 

@@ -47,7 +47,8 @@ def write(tmp_path, exp) -> str:
 
 
 def stage_states(results):
-    return {p.parent.name: json.loads(p.read_text()) for p in (results / "tiny").glob("*/stage.json")}
+    paths = (results / "tiny").glob("*/stage.json")
+    return {p.parent.name: json.loads(p.read_text()) for p in paths if ".superseded-" not in p.parent.name}
 
 
 @pytest.mark.slow
@@ -227,7 +228,7 @@ MATCH = [  # candidate alignment by steps, baseline alignment at 50 -> fewest st
 
 @pytest.mark.parametrize(("cand", "target", "expected"), MATCH)
 def test_steps_to_match_is_strict(cand, target, expected):
-    from nas.pipeline.comparison import steps_to_match
+    from nas.evaluate.comparison import steps_to_match
 
     candidate = {"quality": {s: {"alignment": a, "frechet_distance": 100 - 100 * a} for s, a in cand.items()}}
     baseline = {"quality": {50: {"alignment": target, "frechet_distance": 100 - 100 * target}}}
@@ -245,7 +246,7 @@ CAVEATS = [  # match (alignment, FD), baseline gain 10 -> 50 (alignment, FD) -> 
 
 @pytest.mark.parametrize(("match", "gain", "expected"), CAVEATS)
 def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
-    from nas.pipeline.comparison import _match_caveats
+    from nas.evaluate.comparison import _match_caveats
 
     compare = {"match_steps": 50, "fewest_steps_evaluated": 10, "steps_to_match_baseline_50": match[0],
                "steps_to_match_baseline_50_fd": match[1], "baseline_alignment_gain": gain[0],
@@ -257,7 +258,7 @@ def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
 def test_comparison_grids_show_baseline_then_candidate_at_its_match(tmp_path):
     from PIL import Image
 
-    from nas.pipeline.comparison import _grid_panels, _plot_grids
+    from nas.evaluate.comparison import _grid_panels, _plot_grids
 
     def run(name, steps, label):
         folder = tmp_path / name

@@ -16,7 +16,6 @@ from its last checkpoint) without redoing finished work.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -29,8 +28,8 @@ from pydantic import Field, model_validator
 
 from nas.config import Strict
 from nas.errors import NasError
+from nas.runfolder import MAIN, RunFolder, eval_folder, run_folder
 
-MAIN = "main"  # the experiment's own train + evaluate stages
 SEARCHED = "searched"  # the exported architecture
 
 
@@ -101,15 +100,6 @@ class VariantsStage(Strict):
         return self
 
 
-def run_folder(root: Path, name: str) -> Path:
-    """Folder of a trained run: the main one, or variants/<name>/run."""
-    return root / "train" / "run" if name == MAIN else root / "variants" / name / "run"
-
-
-def eval_folder(root: Path, name: str) -> Path:
-    return root / "evaluate" / "eval" if name == MAIN else root / "variants" / name / "eval"
-
-
 def check_compare_steps(stage: VariantsStage, main_steps: list[int]) -> None:
     """The step counts `compare` reads must be evaluated: say so now, not after hours of training."""
     c = stage.compare
@@ -167,15 +157,15 @@ def _key(argv: list[str]) -> str:
     return " ".join(argv)
 
 
+STATE = "state.json"  # variants/state.json: every finished command and its seconds
+
+
 def _load_state(folder: Path) -> dict:
-    path = folder / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"done": {}}
+    return RunFolder(folder).read_json(STATE, {"done": {}})
 
 
 def _save_state(folder: Path, state: dict) -> None:
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(folder / "state.json")
+    RunFolder(folder).write_json(STATE, state)
 
 
 def _prepare(argv: list[str]) -> list[str]:
