@@ -305,3 +305,49 @@ def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
     assert main(["run", path, "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "2/3 commands done before" in out and "variant raw: eval done" in out and "variant base" not in out
+
+
+def _fake_execute(stage, folder, exp_path, resume, exp):
+    """Stand-in for the stage commands: the files the summary reads, with absolute paths in them."""
+    (folder / "out.txt").write_text(f"{stage.name} {stage.fingerprint}\n")
+    if stage.name == "export":
+        card = {"params": 1, "macs": 2, "latency_ms_p50": 3.0, "proxy_loss": 0.5, "trial": 0}
+        (folder / "card.json").write_text(json.dumps(card))
+    if stage.name == "evaluate":
+        root = folder.parent
+        report = {"run": str(root / "train" / "run"), "evaluator": str(root / "data" / "evaluator"), "seed": 0,
+                  "results": [{"steps": 2, "alignment": 0.5, "chance_alignment": 0.2, "frechet_distance": 9.0}]}  # fmt: skip
+        (folder / "eval").mkdir()
+        (folder / "eval" / "eval.json").write_text(json.dumps(report))
+
+
+def _absolute_paths(data) -> list[str]:
+    if isinstance(data, dict):
+        return [p for v in data.values() for p in _absolute_paths(v)]
+    if isinstance(data, list):
+        return [p for v in data for p in _absolute_paths(v)]
+    return [data] if isinstance(data, str) and os.path.isabs(data) else []
+
+
+def test_redone_stage_is_moved_aside_and_results_are_self_contained(tmp_path, monkeypatch):
+    from nas.pipeline import runner
+
+    monkeypatch.setattr(runner, "_execute", _fake_execute)
+    results = tmp_path / "results"
+    path = write(tmp_path, tiny_experiment(tmp_path))
+    assert main(["run", path, "--results", str(results)]) == 0
+    root = results / "tiny"
+    first = (root / "evaluate" / "out.txt").read_text()
+    assert main(["run", path, "--results", str(results), "--from", "evaluate"]) == 0
+    aside = sorted(root.glob("evaluate.superseded-*"))
+    assert len(aside) == 1 and (aside[0] / "out.txt").read_text() == first  # moved, not deleted
+    assert (aside[0] / "eval" / "eval.json").is_file() and (root / "evaluate" / "stage.json").is_file()
+    assert (root / "train" / "out.txt").is_file() and not list(root.glob("train.superseded-*"))
+
+    report = json.loads((root / "eval.json").read_text())
+    assert report["run"] == "train/run" and _absolute_paths(report) == []
+    run = json.loads((root / "run.json").read_text())
+    assert run["seeds"]["data"] == 0 and run["seeds"]["evaluate"] == 0 and run["environment"]["python"]
+    assert set(run["stages"]) == set(stage_states(results))  # the folders moved aside are not stages
+    assert str(root) not in json.dumps(run["stages"])  # commands name stage folders relatively
+    assert yaml.safe_load((root / "experiment.yaml").read_text())["name"] == "tiny"

@@ -25,7 +25,6 @@ from nas.runfolder import (
     CONFIG,
     STAGE,
     SUMMARY,
-    SUPERSEDED,
     RunFolder,
     environment,
     portable,
@@ -218,11 +217,11 @@ def write_summary(
     folder = RunFolder(root)
     folder.write_yaml(EXPERIMENT, exp)
     stages = {}
-    for path in sorted(root.glob(f"*/{STAGE}")):
-        state = read_json(path)
-        if SUPERSEDED not in path.parent.name:  # folders moved aside hold earlier runs
+    for name in STAGES:  # in order; the folders moved aside (<stage>.superseded-*) hold earlier runs
+        state = read_state(root / name)
+        if state:
             commands = [shlex.join(relative_paths(shlex.split(c), root)) for c in state["commands"]]
-            stages[path.parent.name] = {"fingerprint": state["fingerprint"], "commands": commands}
+            stages[name] = {"fingerprint": state["fingerprint"], "commands": commands}
     run = {
         "experiment": exp.name,
         "experiment_file": portable(exp_path),
