@@ -38,7 +38,7 @@ METRICS = "metrics.csv"
 LOSS_PLOT = "loss.png"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-WEIGHTS = "final"  # final/unet and final/unet_ema
+FINAL = "final"  # final/unet and final/unet_ema: the weights for the sampler
 STAGE = "stage.json"
 SUPERSEDED = ".superseded-"  # <stage>.superseded-<time>/: a redone stage's old folder, moved aside
 
@@ -230,7 +230,7 @@ class RunFolder:
     loss_plot = property(lambda self: self.path / LOSS_PLOT)
     summary = property(lambda self: self.path / SUMMARY)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
-    weights = property(lambda self: self.path / WEIGHTS)
+    final = property(lambda self: self.path / FINAL)
     stage = property(lambda self: self.path / STAGE)
 
     def mkdir(self) -> RunFolder:

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas.config import read_yaml
-from nas.runfolder import EVAL_FILE, MAIN, eval_folder, relative_paths, run_folder, write_json, write_text
+from nas.runfolder import (
+    ARCH,
+    CONFIG,
+    EVAL_FILE,
+    MAIN,
+    eval_folder,
+    relative_paths,
+    run_folder,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:  # the stage's settings only; the pipeline imports this module, not the reverse
     from nas.pipeline.variants import VariantsStage
@@ -30,14 +40,14 @@ LATENCY_ITERS = 10  # timed forwards per round
 def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
     """A run's recipe and quality; `source` is the trained run it evaluates (itself unless reused)."""
     run = run_folder(root, source)
-    config = read_yaml(run / "config.yaml")
+    config = read_yaml(run / CONFIG)
     report = json.loads((eval_folder(root, name) / EVAL_FILE).read_text())
     summary = run / "summary.json"
     trained = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "run": str(run),
         "eval_dir": str(eval_folder(root, name)),
-        "arch_file": str(run / "arch.yaml"),
+        "arch_file": str(run / ARCH),
         "recipe": config.get("name"),
         "diffusion": config.get("diffusion"),
         "ema": config.get("ema"),

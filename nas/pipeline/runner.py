@@ -22,6 +22,7 @@ from nas.config import load
 from nas.errors import NasError
 from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, parse, plan
 from nas.runfolder import (
+    CHECKPOINTS,
     CONFIG,
     STAGE,
     SUMMARY,
@@ -90,7 +91,7 @@ def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Expe
         return
     for argv in stage.commands:
         argv = list(argv)
-        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / "checkpoints").is_dir():
+        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / CHECKPOINTS).is_dir():
             argv.append("--resume")
         args = parse(argv, f"{exp_path}: {stage.name}")
         code = args._module.run(args)

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from nas.config import Strict
 from nas.errors import NasError
-from nas.runfolder import MAIN, RunFolder, eval_folder, run_folder
+from nas.runfolder import CHECKPOINTS, MAIN, RunFolder, eval_folder, run_folder
 
 SEARCHED = "searched"  # the exported architecture
 
@@ -172,7 +172,7 @@ def _prepare(argv: list[str]) -> list[str]:
     """Resume a training that left checkpoints; clear an evaluation that did not finish."""
     argv = list(argv)
     out = Path(argv[argv.index("--out") + 1])
-    if argv[0] == "train" and (out / "checkpoints").is_dir():
+    if argv[0] == "train" and (out / CHECKPOINTS).is_dir():
         argv.append("--resume")
     elif argv[0] == "eval" and out.exists():
         shutil.rmtree(out)

@@ -119,7 +119,7 @@ def _save_final(run: Path, net, ema) -> None:
     """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed."""
     if not hasattr(net, "save_pretrained"):
         return
-    with staged_folder(RunFolder(run).weights) as staging:
+    with staged_folder(RunFolder(run).final) as staging:
         net.save_pretrained(staging / "unet", safe_serialization=True)
         if ema is not None:
             ema.store(net.parameters())
