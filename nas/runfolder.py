@@ -100,6 +100,8 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
     renamed aside first and removed after, so one whole version exists at every moment)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield staging

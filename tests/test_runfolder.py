@@ -89,3 +89,15 @@ def test_relative_paths(tmp_path):
         "text": "a red circle",
         "steps": 3,
     }
+
+
+def test_staged_folder_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "final"
+    (tmp_path / ".final.killed.tmp").mkdir()  # left by a process killed mid-write
+    with runfolder.staged_folder(out) as staging:
+        (staging / "unet").mkdir()
+    with pytest.raises(RuntimeError), runfolder.staged_folder(out) as staging:
+        (staging / "half").mkdir()
+        raise RuntimeError("killed")
+    assert [p.name for p in out.iterdir()] == ["unet"]
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
