@@ -1,9 +1,10 @@
 """Run the planned stages: skip what is finished with the same inputs, resume what was
 interrupted, redo what changed; write stage.json, the resolved config, and the summary.
 
-A stage that must be redone (its inputs changed, `--from`, or it cannot resume) has its old folder
-moved aside to <stage>.superseded-<time>/ (gitignored like the stage folders), never deleted: the
-earlier figures stay there to compare with, and can be removed by hand.
+A stage that must be redone (its inputs changed, or `--from`) has its old folder moved aside to
+<stage>.superseded-<time>/ (gitignored like the stage folders), never deleted: the earlier figures
+stay there to compare with, and can be removed by hand. An interrupted stage that cannot resume is
+started afresh (its partial folder removed).
 
 results/<experiment>/ also receives what makes it self-contained: experiment.yaml (the resolved
 experiment, defaults filled in), run.json (the environment of the summarizing session, the seeds of
@@ -142,7 +143,9 @@ def run_experiment(
             )
             continue
         resume = st == "resume" and stage.name in RESUMABLE
-        if not resume:  # inputs changed, --from, or a stage that cannot resume: keep the old one aside
+        if st == "resume" and not resume:
+            shutil.rmtree(folder)  # interrupted, same inputs, cannot resume: a partial output only
+        elif not resume:  # inputs changed or --from: the earlier results are kept aside
             aside = RunFolder(folder).set_aside()
             if aside is not None:
                 print(f"{prefix}: earlier folder moved to {aside}", flush=True)
