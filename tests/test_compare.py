@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from nas.cli import main
-from nas.compare import VOTES_FORMAT, build_compare, render_page, tally
 from nas.errors import NasError
+from nas.evaluate.ab_page import VOTES_FORMAT, build_compare, render_page, tally
 from nas.sample import SampleSettings
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nas.data import evaluator as ev
 from nas.data import shapes
 from nas.errors import NasError
+from nas.evaluate import shapes_evaluator as ev
 
 RED_CIRCLE = {"shape": "circle", "colour": "red", "size": "small", "position": "top left"}
 BLUE_SQUARE = {"shape": "square", "colour": "blue", "size": "large", "position": "bottom"}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from nas.cli import main
 from nas.errors import NasError
-from nas.evaluate import evaluate_run, parse_steps, shapes_eval_set
+from nas.evaluate.quality import evaluate_run, parse_steps, shapes_eval_set
 from nas.sample import SampleSettings
 
 
@@ -113,7 +113,7 @@ def test_other_data_goes_to_inception_fid(sample_world, tmp_path):
     """A cache without shapes labels is scored by Inception FID: it needs torchmetrics and local
     Inception weights, and says so in one line where they are missing (as here, offline)."""
     from nas.data.cache import open_cache
-    from nas.evaluate import held_out_eval_set, is_shapes
+    from nas.evaluate.quality import held_out_eval_set, is_shapes
     from nas.sample import load_run
 
     cache = tmp_path / "cache"

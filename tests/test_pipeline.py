@@ -47,7 +47,8 @@ def write(tmp_path, exp) -> str:
 
 
 def stage_states(results):
-    return {p.parent.name: json.loads(p.read_text()) for p in (results / "tiny").glob("*/stage.json")}
+    paths = (results / "tiny").glob("*/stage.json")
+    return {p.parent.name: json.loads(p.read_text()) for p in paths if ".superseded-" not in p.parent.name}
 
 
 @pytest.mark.slow
@@ -227,7 +228,7 @@ MATCH = [  # candidate alignment by steps, baseline alignment at 50 -> fewest st
 
 @pytest.mark.parametrize(("cand", "target", "expected"), MATCH)
 def test_steps_to_match_is_strict(cand, target, expected):
-    from nas.pipeline.comparison import steps_to_match
+    from nas.evaluate.comparison import steps_to_match
 
     candidate = {"quality": {s: {"alignment": a, "frechet_distance": 100 - 100 * a} for s, a in cand.items()}}
     baseline = {"quality": {50: {"alignment": target, "frechet_distance": 100 - 100 * target}}}
@@ -245,7 +246,7 @@ CAVEATS = [  # match (alignment, FD), baseline gain 10 -> 50 (alignment, FD) -> 
 
 @pytest.mark.parametrize(("match", "gain", "expected"), CAVEATS)
 def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
-    from nas.pipeline.comparison import _match_caveats
+    from nas.evaluate.comparison import _match_caveats
 
     compare = {"match_steps": 50, "fewest_steps_evaluated": 10, "steps_to_match_baseline_50": match[0],
                "steps_to_match_baseline_50_fd": match[1], "baseline_alignment_gain": gain[0],
@@ -257,7 +258,7 @@ def test_comparison_says_when_step_figures_are_bounds(match, gain, expected):
 def test_comparison_grids_show_baseline_then_candidate_at_its_match(tmp_path):
     from PIL import Image
 
-    from nas.pipeline.comparison import _grid_panels, _plot_grids
+    from nas.evaluate.comparison import _grid_panels, _plot_grids
 
     def run(name, steps, label):
         folder = tmp_path / name
@@ -304,3 +305,49 @@ def test_variants_stage_trains_compares_and_resumes(tmp_path, capsys):
     assert main(["run", path, "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "2/3 commands done before" in out and "variant raw: eval done" in out and "variant base" not in out
+
+
+def _fake_execute(stage, folder, exp_path, resume, exp):
+    """Stand-in for the stage commands: the files the summary reads, with absolute paths in them."""
+    (folder / "out.txt").write_text(f"{stage.name} {stage.fingerprint}\n")
+    if stage.name == "export":
+        card = {"params": 1, "macs": 2, "latency_ms_p50": 3.0, "proxy_loss": 0.5, "trial": 0}
+        (folder / "card.json").write_text(json.dumps(card))
+    if stage.name == "evaluate":
+        root = folder.parent
+        report = {"run": str(root / "train" / "run"), "evaluator": str(root / "data" / "evaluator"), "seed": 0,
+                  "results": [{"steps": 2, "alignment": 0.5, "chance_alignment": 0.2, "frechet_distance": 9.0}]}  # fmt: skip
+        (folder / "eval").mkdir()
+        (folder / "eval" / "eval.json").write_text(json.dumps(report))
+
+
+def _absolute_paths(data) -> list[str]:
+    if isinstance(data, dict):
+        return [p for v in data.values() for p in _absolute_paths(v)]
+    if isinstance(data, list):
+        return [p for v in data for p in _absolute_paths(v)]
+    return [data] if isinstance(data, str) and os.path.isabs(data) else []
+
+
+def test_redone_stage_is_moved_aside_and_results_are_self_contained(tmp_path, monkeypatch):
+    from nas.pipeline import runner
+
+    monkeypatch.setattr(runner, "_execute", _fake_execute)
+    results = tmp_path / "results"
+    path = write(tmp_path, tiny_experiment(tmp_path))
+    assert main(["run", path, "--results", str(results)]) == 0
+    root = results / "tiny"
+    first = (root / "evaluate" / "out.txt").read_text()
+    assert main(["run", path, "--results", str(results), "--from", "evaluate"]) == 0
+    aside = sorted(root.glob("evaluate.superseded-*"))
+    assert len(aside) == 1 and (aside[0] / "out.txt").read_text() == first  # moved, not deleted
+    assert (aside[0] / "eval" / "eval.json").is_file() and (root / "evaluate" / "stage.json").is_file()
+    assert (root / "train" / "out.txt").is_file() and not list(root.glob("train.superseded-*"))
+
+    report = json.loads((root / "eval.json").read_text())
+    assert report["run"] == "train/run" and _absolute_paths(report) == []
+    run = json.loads((root / "run.json").read_text())
+    assert run["seeds"]["data"] == 0 and run["seeds"]["evaluate"] == 0 and run["environment"]["python"]
+    assert set(run["stages"]) == set(stage_states(results))  # the folders moved aside are not stages
+    assert str(root) not in json.dumps(run["stages"])  # commands name stage folders relatively
+    assert yaml.safe_load((root / "experiment.yaml").read_text())["name"] == "tiny"

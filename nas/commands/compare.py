@@ -32,7 +32,7 @@ def run(args) -> int:
     from nas.errors import NasError
 
     if args.tally:
-        from nas.compare import tally
+        from nas.evaluate.ab_page import tally
 
         result = tally(args.tally)
         print(json.dumps(result, indent=2))
@@ -43,7 +43,7 @@ def run(args) -> int:
         )
     if args.out is None:
         raise NasError("--out DIR is required (the folder for index.html and images/)")
-    from nas.compare import build_compare
+    from nas.evaluate.ab_page import build_compare
     from nas.sample import read_prompts
     from nas.sample.run import held_out_captions
 

@@ -51,8 +51,8 @@ def run(args) -> int:
 
 def _train_evaluator(args) -> int:
     from nas.config import validate
-    from nas.data import evaluator as ev
     from nas.errors import NasError
+    from nas.evaluate import shapes_evaluator as ev
 
     config = validate(
         ev.EvaluatorConfig,

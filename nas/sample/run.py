@@ -1,6 +1,6 @@
 """What sampling needs from a training run: weights, frozen encoders, empty caption, noise schedule.
 
-A run folder (`nas train`, see nas/train/run.py) holds the resolved config (recipe and cache path)
+A run folder (`nas train`, see nas/runfolder.py) holds the resolved config (recipe and cache path)
 and `final/unet` / `final/unet_ema` (save_pretrained folders). The VAE and text encoder are the ones
 the latent cache was made with; its manifest names them and their sha256, which are checked here,
 so a sampler never pairs a U-Net with encoders it was not trained on.
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nas.errors import NasError
+from nas.runfolder import CHECKPOINTS, CONFIG, FINAL
 
 # name -> (diffusers class, extra config). One explicit table; unknown names are errors.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -31,7 +32,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 # "omit step 0"); "leading" (SD 1.5, with steps_offset 1) and "linspace" (includes t = 0) for comparison.
 SPACINGS = ("trailing", "leading", "linspace")
 WEIGHTS = ("auto", "ema", "raw")  # auto: EMA weights where the run has them, else the raw weights
-WEIGHT_FOLDERS = {"ema": "final/unet_ema", "raw": "final/unet"}
+WEIGHT_FOLDERS = {"ema": f"{FINAL}/unet_ema", "raw": f"{FINAL}/unet"}
 
 
 def check_scheduler(name: str) -> str:
@@ -91,7 +92,7 @@ def read_run_config(run: Path):
 
     if not run.is_dir():
         raise NasError(f"{run}: run folder not found (expected the --out folder of `nas train`)")
-    return load(TrainConfig, run / "config.yaml")
+    return load(TrainConfig, run / CONFIG)
 
 
 def weights_folder(run: Path, weights: str = "auto") -> tuple[str, Path]:
@@ -108,7 +109,7 @@ def weights_folder(run: Path, weights: str = "auto") -> tuple[str, Path]:
                        "use --weights raw")  # fmt: skip
     hint = (
         " (training did not finish: resume it with `nas train ... --resume`)"
-        if (run / "checkpoints").is_dir()
+        if (run / CHECKPOINTS).is_dir()
         else ""
     )
     wanted = " or ".join(f"{WEIGHT_FOLDERS[k]}/" for k in order)

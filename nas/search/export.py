@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 import re
@@ -14,8 +13,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.config import dump_yaml
 from nas.errors import NasError
+from nas.runfolder import write_json, write_text, write_yaml
 from nas.space import arch_from_dict, build_unet, unet_config
 
 # Names usable in --pick expressions -> trial user attribute.
@@ -133,7 +132,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arch = arch_from_dict(trial.user_attrs["arch"], f"study {study.study_name} trial {trial.number}")
-    dump_yaml(arch, out / "arch.yaml")
+    write_yaml(out / "arch.yaml", arch)
     class_name, _ = unet_config(arch)
     build_unet(arch, device="meta").save_config(out)  # config.json with _class_name, as diffusers writes it
     a = trial.user_attrs
@@ -156,7 +155,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "objectives": dict(zip(study.user_attrs.get("objectives", []), trial.values or [])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (out / "card.json").write_text(json.dumps(card, indent=2))
+    write_json(out / "card.json", card)
     per_batch = f" of {card['batch']} latents" if card["batch"] else ""
     lines = [
         f"# {arch.name}",
@@ -178,5 +177,5 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "FlexUNet2DConditionModel`), then `Class.from_config(Class.load_config(DIR))`; "
         "train it with `nas train CONFIG --arch DIR/arch.yaml`.",
     ]
-    (out / "card.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "card.md", "\n".join(lines) + "\n")
     return card

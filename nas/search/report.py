@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
+from nas.runfolder import write_text
 from nas.search.export import complete_trials, pareto_front
 
 
@@ -143,6 +144,6 @@ def write_report(study: optuna.Study, folder: str | Path) -> dict[str, str]:
     out["history"] = str(folder / "history.png")
     why = plot_importances(study, folder / "importances.png")
     out["importances"] = f"skipped: {why}" if why else str(folder / "importances.png")
-    (folder / "summary.md").write_text(summary_markdown(study))
+    write_text(folder / "summary.md", summary_markdown(study))
     out["summary"] = str(folder / "summary.md")
     return out

@@ -18,7 +18,6 @@ requested number of trials has finished; completed trials are never redone.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -34,8 +33,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 
-from nas.config import dump_yaml
 from nas.errors import NasError
+from nas.runfolder import RunFolder, environment
 from nas.search.objective import Hooks, Rejected, check_feasible_space, evaluate_point, proxy_config
 from nas.space import load_arch, load_space, sample_arch
 from nas.space.sample import arch_to_params
@@ -352,24 +351,10 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
 
 def write_metadata(settings: SearchSettings, space: Space) -> None:
     """results/<study>/: the resolved space, the settings, the environment."""
-    import platform
-
-    import torch
-
-    folder = settings.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    dump_yaml(space, folder / "space.yaml")
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "optuna": optuna.__version__,
-        "platform": platform.platform(),
-        "command": " ".join(sys.argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (folder / "search.json").write_text(
-        json.dumps({"settings": asdict(settings), "environment": env}, indent=2)
-    )
+    folder = RunFolder(settings.folder).mkdir()
+    folder.write_yaml("space.yaml", space)
+    env = environment(settings.seed)
+    folder.write_json("search.json", {"settings": asdict(settings), "environment": env})
 
 
 def _check_cache(space: Space, cache, cache_path: str) -> None:

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from nas.config import dump_yaml
 from nas.errors import NasError
+from nas.runfolder import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

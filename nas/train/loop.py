@@ -15,7 +15,6 @@ EMA update. Validation loss on fixed triples every `val_every` steps; checkpoint
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,13 +24,14 @@ from time import perf_counter
 
 import torch
 
-from nas.config import dump_yaml, read_yaml, validate
+from nas.config import read_yaml, validate
 from nas.diffusion import diffusion_loss, noise_scheduler
 from nas.errors import NasError
+from nas.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_folder
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig, check_resumable
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
-from nas.train.run import MetricsLog, environment, plot_losses, write_env, write_json
+from nas.train.run import MetricsLog, plot_losses
 
 # A final validation loss above this multiple of the best one marks the run as diverged (warning,
 # summary.json). Seen: SD's recipe at a constant lr 1e-3 went from 0.085 to 0.99 at step ~1,220.
@@ -116,19 +116,16 @@ def _latest(run: Path | None) -> str:
 
 
 def _save_final(run: Path, net, ema) -> None:
-    """RUN/final/unet (and unet_ema): save_pretrained folders, written beside and then renamed."""
-    tmp, final = run / "final.tmp", run / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed."""
     if not hasattr(net, "save_pretrained"):
         return
-    net.save_pretrained(tmp / "unet", safe_serialization=True)
-    if ema is not None:
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
-        net.save_pretrained(tmp / "unet_ema", safe_serialization=True)
-        ema.restore(net.parameters())
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with staged_folder(RunFolder(run).final) as staging:
+        net.save_pretrained(staging / "unet", safe_serialization=True)
+        if ema is not None:
+            ema.store(net.parameters())
+            ema.copy_to(net.parameters())
+            net.save_pretrained(staging / "unet_ema", safe_serialization=True)
+            ema.restore(net.parameters())
 
 
 def train(
@@ -187,12 +184,18 @@ def train(
         start, ema = load_checkpoint(accelerator, ckpt, net, optimizer, lr_scheduler, make_ema)
     metrics = None
     if run is not None and main:
-        run.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, run / "config.yaml")
+        folder = RunFolder(run).mkdir()
+        folder.write_yaml(CONFIG, config)
         if arch is not None:
-            dump_yaml(arch, run / "arch.yaml")
-        write_env(run, environment(accelerator, config), start if ckpt is not None else None)
-        metrics = MetricsLog(run / "metrics.csv", resume_step=start if ckpt is not None else None)
+            folder.write_yaml(ARCH, arch)
+        env = environment(
+            config.seed,
+            accelerator.device,
+            processes=accelerator.num_processes,
+            mixed_precision=accelerator.mixed_precision,
+        )
+        folder.write_environment(env, start if ckpt is not None else None)
+        metrics = MetricsLog(folder.metrics, resume_step=start if ckpt is not None else None)
 
     ema_start = config.ema_start_step()
     samples_per_step = config.global_batch(accelerator.num_processes)
@@ -307,8 +310,8 @@ def train(
         )
     if run is not None and main:
         _save_final(run, net, ema)
-        write_json(
-            run / "summary.json",
+        RunFolder(run).write_json(
+            SUMMARY,
             {
                 "step": done,
                 "val_loss_start": val_start,

@@ -1,61 +1,11 @@
-"""The run folder: resolved config, architecture, environment, metrics.csv and the loss curve.
-
-RUN/
-  config.yaml   the resolved TrainConfig          arch.yaml    the architecture (if trained from one)
-  env.json      versions, device, seed, command   metrics.csv  step, loss, val_loss, lr, samples_per_s
-  loss.png      training and validation loss      checkpoints/ see nas/train/checkpoint.py
-  final/unet/, final/unet_ema/   save_pretrained folders (safetensors) for the sampler
-  summary.json  final validation losses (raw and EMA weights), steps, wall time
-"""
+"""What a training adds to its run folder (layout: nas/runfolder.py): metrics.csv and the loss curve."""
 
 from __future__ import annotations
 
 import csv
-import json
-import platform
-import sys
 from pathlib import Path
 
 METRICS = ("step", "loss", "val_loss", "lr", "samples_per_s")
-
-
-def environment(accelerator, config, extra: dict | None = None) -> dict:
-    """Versions, device and command of this process, for env.json."""
-    import accelerate
-    import diffusers
-    import torch
-
-    device = accelerator.device
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "accelerate": accelerate.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "seed": config.seed,
-        "command": " ".join(sys.argv),
-    }
-    env.update(extra or {})
-    return env
-
-
-def write_json(path: Path, data: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def write_env(run: Path, env: dict, resumed_from: int | None) -> None:
-    """env.json of the first session; each resumed session is appended under "resumes"."""
-    path = Path(run) / "env.json"
-    if resumed_from is not None and path.is_file():
-        first = json.loads(path.read_text())
-        first.setdefault("resumes", []).append({**env, "from_step": resumed_from})
-        env = first
-    write_json(path, env)
 
 
 class MetricsLog:

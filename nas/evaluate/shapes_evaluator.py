@@ -21,6 +21,7 @@ from torch import nn
 from nas.config import Strict
 from nas.data import shapes
 from nas.errors import NasError
+from nas.runfolder import atomic_path, write_json
 
 WEIGHTS, CONFIG = "evaluator.safetensors", "evaluator.json"
 CELLS = len(shapes.POSITION_NAMES)
@@ -304,7 +305,8 @@ def save_evaluator(evaluator: Evaluator, out: str | Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in evaluator.model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     vocabulary = {
         "shapes": list(shapes.SHAPES),
         "colours": list(shapes.COLOURS),
@@ -317,7 +319,7 @@ def save_evaluator(evaluator: Evaluator, out: str | Path) -> None:
         "vocabulary": vocabulary,
         "metrics": evaluator.info,
     }
-    (out / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out / CONFIG, doc)
 
 
 def load_evaluator(path: str | Path) -> Evaluator:

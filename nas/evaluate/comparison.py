@@ -14,10 +14,23 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nas.config import read_yaml
-from nas.pipeline.variants import MAIN, VariantsStage, eval_folder, run_folder
+from nas.runfolder import (
+    ARCH,
+    CONFIG,
+    EVAL_FILE,
+    MAIN,
+    eval_folder,
+    relative_paths,
+    run_folder,
+    write_json,
+    write_text,
+)
+
+if TYPE_CHECKING:  # the stage's settings only; the pipeline imports this module, not the reverse
+    from nas.pipeline.variants import VariantsStage
 
 LATENCY_BATCH = 2  # classifier-free guidance: conditional + unconditional in one U-Net call
 LATENCY_ROUNDS = 5  # interleaved rounds (baseline, candidate, baseline, ...): drift hits both alike
@@ -27,14 +40,14 @@ LATENCY_ITERS = 10  # timed forwards per round
 def _run_info(root: Path, name: str, source: str) -> dict[str, Any]:
     """A run's recipe and quality; `source` is the trained run it evaluates (itself unless reused)."""
     run = run_folder(root, source)
-    config = read_yaml(run / "config.yaml")
-    report = json.loads((eval_folder(root, name) / "eval.json").read_text())
+    config = read_yaml(run / CONFIG)
+    report = json.loads((eval_folder(root, name) / EVAL_FILE).read_text())
     summary = run / "summary.json"
     trained = json.loads(summary.read_text()) if summary.is_file() else {}
     return {
         "run": str(run),
         "eval_dir": str(eval_folder(root, name)),
-        "arch_file": str(run / "arch.yaml"),
+        "arch_file": str(run / ARCH),
         "recipe": config.get("name"),
         "diffusion": config.get("diffusion"),
         "ema": config.get("ema"),
@@ -167,7 +180,8 @@ def _match_caveats(c: dict[str, Any]) -> list[str]:
 def write_comparison(result: dict[str, Any], folder: Path) -> None:
     from nas.cost import BUSY_CORES_WARN
 
-    (folder / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    # paths relative to the experiment folder (results/<experiment>/), where the file is also copied
+    write_json(folder / "comparison.json", relative_paths(result, folder.parent))
     runs = result["runs"]
     steps = sorted({s for r in runs.values() for s in r["quality"]})
     lines = ["| run | recipe | sampling | params | GMACs | latency ms | " + " | ".join(f"align@{s}" for s in steps)
@@ -210,7 +224,7 @@ def write_comparison(result: dict[str, Any], folder: Path) -> None:
         for a in result["ablations"]:
             lines.append(f"| {a['ablates']} | {a['run']} | {a['alignment']:.3f} | {a['d_alignment']:+.3f} | "
                          f"{a['frechet_distance']:.0f} | {a['d_frechet_distance']:+.0f} |")  # fmt: skip
-    (folder / "comparison.md").write_text("\n".join(lines) + "\n")
+    write_text(folder / "comparison.md", "\n".join(lines) + "\n")
     _plot(result, folder / "comparison.png")
     _plot_grids(result, folder / "comparison_grids.png")
 
@@ -279,7 +293,7 @@ def _plot_grids(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from nas.evaluate import GRID_COLUMNS
+    from nas.evaluate.quality import GRID_COLUMNS
     from nas.sample.generate import GRID_PAD
 
     crops = []

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 from nas.errors import NasError
+from nas.runfolder import portable, write_json, write_text
 
 VOTES_FORMAT = "nas-ab-votes/1"
 CRITERIA = {  # key -> question shown on the page
@@ -42,7 +43,7 @@ def _render_run(run, jobs, settings, out: Path, tag: str, weights: str, device: 
     )
     for (_, _, name), image in zip(jobs, pixels):
         Image.fromarray(image).save(out / "images" / f"{tag}_{name}.png")
-    info = {"run": str(Path(run).resolve()), "weights": components.weights, "model_sha256": components.model_sha256,
+    info = {"run": portable(run), "weights": components.weights, "model_sha256": components.model_sha256,
             "steps": settings.steps, "scheduler": settings.scheduler, "guidance": settings.guidance}  # fmt: skip
     del components, pipe
     gc.collect()  # one model in memory at a time
@@ -89,11 +90,11 @@ def build_compare(
                       "left": f"images/{left.lower()}_{name}.png", "right": f"images/{right.lower()}_{name}.png"})  # fmt: skip
     page_id = hashlib.sha256(json.dumps([models, pairs], sort_keys=True).encode()).hexdigest()[:16]
     data = {"format": VOTES_FORMAT, "page": page_id, "models": models, "criteria": CRITERIA, "pairs": pairs}
-    (out / "index.html").write_text(render_page(data), encoding="utf-8")
-    (out / "key.json").write_text(json.dumps({p["pair"]: p["left_model"] for p in pairs}, indent=2) + "\n")
+    write_text(out / "index.html", render_page(data))
+    write_json(out / "key.json", {p["pair"]: p["left_model"] for p in pairs})
     summary = {"page": page_id, "models": models, "prompts": prompts, "images_per_prompt": n, "seed": seed,
                "page_seed": page_seed, "pairs": len(pairs)}  # fmt: skip
-    (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "compare.json", summary)
     return summary
 
 

@@ -2,7 +2,7 @@
 
 The seed's argument that 30 steps match 50 is a curve: quality at each step count on the same
 prompts and starting noise. For a model trained on `shapes` the quality is measured by the shapes
-evaluator (nas/data/evaluator.py):
+evaluator (nas/evaluate/shapes_evaluator.py):
 
 - alignment: the fraction of prompted attributes (shape, colour, size, position, background) the
   evaluator reads in the image; `chance` is the same images scored against other prompts (each
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nas.errors import NasError
+from nas.runfolder import EVAL_FILE, portable, write_json
 
 GRID_COLUMNS = 8  # grid_<steps>.png: the first 64 samples, 8 per row
 DEFAULT_STEPS = (10, 20, 30, 50)  # the seed compares 30 with 50; 10 and 20 show where quality breaks
@@ -127,10 +128,10 @@ def held_out_eval_set(components, n: int, seed: int) -> EvalSet:
 
 def _score(kind: str, images: torch.Tensor, eval_set: EvalSet, evaluator, ref_features) -> dict:
     if kind == "fid":
-        from nas.data.evaluator import inception_fid
+        from nas.evaluate.shapes_evaluator import inception_fid
 
         return {"fid": inception_fid(eval_set.reference, images)}
-    from nas.data.evaluator import frechet_distance
+    from nas.evaluate.shapes_evaluator import frechet_distance
 
     report = evaluator.report(images, eval_set.records)
     # Each image against the next image's prompt: what an image that ignores its prompt scores.
@@ -177,7 +178,7 @@ def quality_vs_steps(
     reference: dict = {"images": len(eval_set.reference)}
     ref_features = None
     if eval_set.kind == "shapes":
-        from nas.data.evaluator import frechet_distance
+        from nas.evaluate.shapes_evaluator import frechet_distance
 
         ref_features = evaluator.features(eval_set.reference)
         reference["real_alignment"] = evaluator.alignment(eval_set.reference, eval_set.records)
@@ -286,7 +287,7 @@ def evaluate_run(
     check_out_folder(out)
     evaluator = None
     if evaluator_path is not None:
-        from nas.data.evaluator import load_evaluator
+        from nas.evaluate.shapes_evaluator import load_evaluator
 
         evaluator = load_evaluator(evaluator_path)
     shapes = is_shapes(_run_cache(run))
@@ -298,7 +299,7 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     measured = quality_vs_steps(components, pipe, steps_list, eval_set, settings, evaluator, progress, out)
     report = {
-        "run": str(Path(run).resolve()),
+        "run": portable(run),
         "weights": components.weights,
         "model_sha256": components.model_sha256,
         "kind": eval_set.kind,
@@ -309,9 +310,9 @@ def evaluate_run(
         "timestep_spacing": settings.spacing,
         "guidance": settings.guidance,
         "steps": steps_list,
-        "evaluator": str(Path(evaluator_path).resolve()) if evaluator_path else None,
+        "evaluator": portable(evaluator_path),
         **measured,
     }
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / EVAL_FILE, report)
     plot_quality(report, out / "quality_vs_steps.png")
     return report
