@@ -104,7 +104,9 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
             "up_block_types": ["CrossAttnUpBlock2D" if u else "UpBlock2D" for u in reversed(up)],
             "mid_block_type": mid_type,
             "layers_per_block": compact([lv.resnets for lv in arch.levels]),
-            # diffusers' `attention_head_dim` is in fact the number of heads (see REFERENCE.md).
+            # diffusers' `attention_head_dim` is in fact the number of heads: UNet2DConditionModel sets
+            # `num_attention_heads = num_attention_heads or attention_head_dim` (models/unets/
+            # unet_2d_condition.py; the misnaming is diffusers issue #2011).
             "attention_head_dim": compact(_heads_per_level(arch)),
         }
     )
