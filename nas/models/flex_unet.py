@@ -3,10 +3,13 @@ ResNet and transformer counts independently (DeciDiffusion's U-Net-NAS), which t
 `UNet2DConditionModel` cannot express (it pairs one transformer with every ResNet).
 
 Built only from diffusers' own blocks (`ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`,
-`Upsample2D`, `Timesteps`, `TimestepEmbedding`), wired and initialised the way the stock class wires
-them, so a point the stock class can express gets the same parameter count either way. It saves and
-loads with `save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers
-pipelines accept it.
+`Upsample2D`, `Timesteps`, `TimestepEmbedding`), wired the way the stock class wires them and under
+the stock module names (`down_blocks.{i}.resnets.{j}`, `.attentions.{j}`, `.downsamplers.0`,
+`mid_block`, `up_blocks`, ...). So for a point the stock class can express, a stock model's
+`state_dict()` loads into this class with `load_state_dict(..., strict=True)`, no key mapping, and
+both compute the same output (tested in tests/test_models.py). It saves and loads with
+`save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers pipelines
+accept it.
 """
 
 from __future__ import annotations
