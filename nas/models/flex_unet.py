@@ -14,6 +14,7 @@ accept it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ class FlexBlock(nn.Module):
     `skip_channels` lists, per ResNet, the channels of the skip tensor concatenated to its input
     (up path) or is None (down path and mid block).
     """
+
+    _gradient_checkpointing_func: Callable[..., Any]  # set by ModelMixin.enable_gradient_checkpointing
 
     def __init__(
         self,
@@ -124,7 +127,8 @@ class FlexBlock(nn.Module):
         return hidden_states, outputs
 
 
-class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):
+# diffusers' ModelMixin and ConfigMixin annotate `config_name` differently; every diffusers model has both.
+class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """Text-conditioned U-Net with per-block ResNet and transformer counts chosen independently.
 
     Per-level lists are ordered highest resolution first. `down_attention[i]` gives one transformer
@@ -176,7 +180,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):
         self.conv_in = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(c0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(c0, temb_channels, act_fn="silu")
-        common = dict(
+        common: dict[str, Any] = dict(
             temb_channels=temb_channels,
             cross_attention_dim=cross_attention_dim,
             groups=norm_num_groups,

@@ -75,7 +75,9 @@ def build_pipeline(components: RunComponents, scheduler: str = "ddim", spacing: 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)  # one bar across images instead (see generate)
+    # One bar across images instead (see generate). type: ignore: mypy reads diffusers' lazily imported
+    # StableDiffusionPipeline as its dummy placeholder class, which lacks the method.
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
 
 
