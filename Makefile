@@ -21,9 +21,11 @@ demo: setup
 	$(BIN)/nas inspect search_spaces/archs/sd15.yaml
 	$(BIN)/nas run experiments/quickstart.yaml
 
+# mypy: settings in pyproject.toml [tool.mypy] (checks nas/; cache in .mypy_cache/)
 lint: setup
 	$(BIN)/ruff check nas tests experiments
 	$(BIN)/ruff format --check nas tests experiments
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest -q

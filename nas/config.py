@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import ErrorDetails
 
 from nas.errors import NasError
 
@@ -58,7 +59,7 @@ def validation_message(exc: pydantic.ValidationError, source: str | Path) -> str
     return f"{source}: {loc}: {msg}{suffix}"
 
 
-def _allowed_keys(exc: pydantic.ValidationError, err: dict) -> list[str]:
+def _allowed_keys(exc: pydantic.ValidationError, err: ErrorDetails) -> list[str]:
     model = getattr(exc, "_nas_model", None)
     if model is None:
         return []

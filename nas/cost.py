@@ -75,7 +75,7 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: torch.nn.Module, inputs: tuple) -> dict[str, int]:
+def count_macs(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
     """{'macs', 'attention_macs', per-op 'by_op'} for one forward with `inputs` (any device)."""
     counter = FlopCounterMode(display=False, custom_mapping={op: _fused_sdpa for op in _SDPA_OPS})
     with counter, torch.no_grad():
@@ -192,7 +192,8 @@ def measure_latency(
         model = model.to(DTYPES[dtype])
     inputs = example_inputs(arch, batch, tokens, device=dev, dtype=DTYPES[dtype])
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # nn.Module.to takes memory_format at run time (torch docs); its typed overloads omit it.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
     run = torch.compile(model) if compile else model
     cuda = dev.type == "cuda"
@@ -233,7 +234,7 @@ def measure_latency(
     )
 
 
-def count_macs_fvcore(model: torch.nn.Module, inputs: tuple) -> dict[str, int]:
+def count_macs_fvcore(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
     """Independent count: fvcore's JIT-trace counter plus a handle for SDPA (which fvcore skips),
     on real tensors. Norms and resampling, which fvcore counts by default, are dropped so both
     counters measure the same thing. Slower than `count_macs`; used to cross-check it."""

@@ -9,6 +9,7 @@ spaces: a proxy is only worth using where it beats #params / MACs (ZiCo, Li et a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,7 @@ def grad_norm(model: torch.nn.Module, batch: dict, loss_fn: Callable) -> float:
     """L2 norm of the loss gradient over all weights."""
     model.zero_grad(set_to_none=True)
     loss_fn(model, batch).mean().backward()
-    return float(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)))
+    return math.sqrt(float(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)))
 
 
 def snip(model: torch.nn.Module, batch: dict, loss_fn: Callable) -> float:

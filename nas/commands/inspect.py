@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from nas.errors import NasError
 
@@ -84,7 +85,7 @@ def inspect_space(args, path: Path) -> dict:
     from nas.space import extreme_archs, load_space, space_size
 
     space = load_space(path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for depth, small, large in extreme_archs(space):
         lo, hi = arch_cost(small, args.batch, args.tokens), arch_cost(large, args.batch, args.tokens)
         rows.append(

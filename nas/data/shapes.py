@@ -13,6 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -239,7 +240,7 @@ def write(out: str | Path, n: int, size: int = 32, seed: int = 0, val_fraction: 
         rows[record["split"]].append(json.dumps(record, sort_keys=True))
     for s in SPLITS:
         (out / s / "metadata.jsonl").write_text("".join(row + "\n" for row in rows[s]))
-    info = {"n": n, "size": size, "seed": seed, "val_fraction": val_fraction}
+    info: dict[str, Any] = {"n": n, "size": size, "seed": seed, "val_fraction": val_fraction}
     info["splits"] = {s: len(rows[s]) for s in SPLITS}
     (out / "shapes.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info

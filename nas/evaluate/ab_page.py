@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from nas.errors import NasError
 from nas.runfolder import portable, write_json, write_text
@@ -129,7 +130,7 @@ def tally(paths: list[str | Path]) -> dict:
                 if choice not in ("A", "B", "tie"):
                     choice = "unanswered"
                 counts[criterion][choice] += 1
-    result = {"page": page, "models": models, "voters": voters, "criteria": {}}
+    result: dict[str, Any] = {"page": page, "models": models, "voters": voters, "criteria": {}}
     for criterion, c in counts.items():
         decided = c["A"] + c["B"]
         p_value = binomtest(c["A"], decided, 0.5).pvalue if decided else None

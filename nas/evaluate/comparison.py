@@ -163,7 +163,8 @@ def _fmt(value, spec: str) -> str:
 
 def _match_caveats(c: dict[str, Any]) -> list[str]:
     """Say when the step figures are bounds, or measure overall quality rather than steps."""
-    m, fewest, notes = c["match_steps"], c.get("fewest_steps_evaluated"), []
+    m, fewest = c["match_steps"], c.get("fewest_steps_evaluated")
+    notes: list[str] = []
     if fewest is None:
         return notes
     if fewest in (c[f"steps_to_match_baseline_{m}"], c[f"steps_to_match_baseline_{m}_fd"]):

@@ -25,6 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,7 +236,7 @@ def plot_quality(report: dict, out_png: str | Path) -> None:
         right.axhline(ref["fd_vae"], color="tab:green", ls="-.", label="VAE reconstructions vs real")
         right.set_ylabel("Frechet distance (evaluator features)")
         right.legend(fontsize=8)
-        axes = (left, right)
+        axes: tuple[Any, ...] = (left, right)
     else:
         fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
         ax.plot(steps, [r["fid"] for r in rows], "o-")

@@ -262,12 +262,13 @@ def train_evaluator(
     for step in bar:
         idx = torch.randint(len(x), (config.batch_size,), generator=gen)
         _, logits = model(x[idx])
-        loss = sum(
+        losses = [
             F.cross_entropy(
                 logits[k].reshape(-1, logits[k].shape[-1]), y[k][idx].reshape(-1), ignore_index=-1
             )
             for k in ("shape", "colour", "size", "background")
-        )
+        ]
+        loss = sum(losses[1:], losses[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

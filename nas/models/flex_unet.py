@@ -3,14 +3,18 @@ ResNet and transformer counts independently (DeciDiffusion's U-Net-NAS), which t
 `UNet2DConditionModel` cannot express (it pairs one transformer with every ResNet).
 
 Built only from diffusers' own blocks (`ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`,
-`Upsample2D`, `Timesteps`, `TimestepEmbedding`), wired and initialised the way the stock class wires
-them, so a point the stock class can express gets the same parameter count either way. It saves and
-loads with `save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers
-pipelines accept it.
+`Upsample2D`, `Timesteps`, `TimestepEmbedding`), wired the way the stock class wires them and under
+the stock module names (`down_blocks.{i}.resnets.{j}`, `.attentions.{j}`, `.downsamplers.0`,
+`mid_block`, `up_blocks`, ...). So for a point the stock class can express, a stock model's
+`state_dict()` loads into this class with `load_state_dict(..., strict=True)`, no key mapping, and
+both compute the same output (tested in tests/test_models.py). It saves and loads with
+`save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers pipelines
+accept it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +33,8 @@ class FlexBlock(nn.Module):
     `skip_channels` lists, per ResNet, the channels of the skip tensor concatenated to its input
     (up path) or is None (down path and mid block).
     """
+
+    _gradient_checkpointing_func: Callable[..., Any]  # set by ModelMixin.enable_gradient_checkpointing
 
     def __init__(
         self,
@@ -121,7 +127,8 @@ class FlexBlock(nn.Module):
         return hidden_states, outputs
 
 
-class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):
+# diffusers' ModelMixin and ConfigMixin annotate `config_name` differently; every diffusers model has both.
+class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """Text-conditioned U-Net with per-block ResNet and transformer counts chosen independently.
 
     Per-level lists are ordered highest resolution first. `down_attention[i]` gives one transformer
@@ -173,7 +180,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):
         self.conv_in = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(c0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(c0, temb_channels, act_fn="silu")
-        common = dict(
+        common: dict[str, Any] = dict(
             temb_channels=temb_channels,
             cross_attention_dim=cross_attention_dim,
             groups=norm_num_groups,

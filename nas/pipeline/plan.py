@@ -159,6 +159,7 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
         train_data = shapes_dir / "train"
         evaluator = folder["data"] / "evaluator"
     else:
+        assert exp.data.path is not None  # DataStage's validator: exactly one of shapes and path
         train_data = Path(_relative(base, exp.data.path))
         stages.append(Stage("data", [], inputs=[train_data]))
         evaluator = None
@@ -179,10 +180,10 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     stages.append(Stage("precompute", [["precompute", "--data", str(train_data), "--vae", str(vae), "--text-encoder", text_encoder,
                                         "--out", str(cache), *_flags(exp.precompute.args)]], depends=["data", "vae"]))  # fmt: skip
     space = Path(_relative(base, exp.search.space))
-    s = exp.search
-    stages.append(Stage("search", [["search", str(space), "--study", exp.name, "--trials", str(s.trials), "--cache", str(cache),
-                                    "--sampler", s.sampler, "--backend", s.backend, "--workers", str(s.workers),
-                                    "--seed", str(s.seed), "--results", str(folder["search"])]],
+    se = exp.search
+    stages.append(Stage("search", [["search", str(space), "--study", exp.name, "--trials", str(se.trials), "--cache", str(cache),
+                                    "--sampler", se.sampler, "--backend", se.backend, "--workers", str(se.workers),
+                                    "--seed", str(se.seed), "--results", str(folder["search"])]],
                         inputs=[space], depends=["precompute"]))  # fmt: skip
     stages.append(Stage("export", [["export", "--study", exp.name, "--results", str(folder["search"]), "--pick", exp.export.pick,
                                     "--out", str(folder["export"])]], depends=["search"]))  # fmt: skip

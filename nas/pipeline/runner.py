@@ -85,6 +85,7 @@ def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Expe
         from nas.evaluate.comparison import compare, write_comparison
         from nas.pipeline.variants import execute
 
+        assert exp.variants is not None  # plan() adds the variants stage only with variants
         execute(exp.variants, stage.jobs, folder)
         print("variants: measuring U-Net latencies and comparing", flush=True)
         write_comparison(compare(exp.variants, folder.parent), folder)

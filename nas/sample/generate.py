@@ -63,8 +63,10 @@ def build_pipeline(components: RunComponents, scheduler: str = "ddim", spacing: 
     from diffusers import StableDiffusionPipeline
 
     te = components.text_encoder
-    # What makes the pipeline tokenize and encode as the cache did (see REFERENCE.md): BERT-like
-    # encoders need the attention mask, and the tokenizer pads to the cache's text length.
+    # What makes the pipeline tokenize and encode as the cache did. StableDiffusionPipeline.encode_prompt
+    # passes the padding mask to the text encoder only when `text_encoder.config.use_attention_mask` is
+    # true (diffusers, pipelines/stable_diffusion/pipeline_stable_diffusion.py); CLIP was trained without
+    # it, BERT-like encoders need it. The tokenizer pads to `model_max_length`: the cache's text length.
     if te.model.config.model_type not in ("clip", "clip_text_model"):
         te.model.config.use_attention_mask = True
     te.tokenizer.model_max_length = te.max_length
@@ -78,7 +80,9 @@ def build_pipeline(components: RunComponents, scheduler: str = "ddim", spacing: 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)  # one bar across images instead (see generate)
+    # One bar across images instead (see generate). type: ignore: mypy reads diffusers' lazily imported
+    # StableDiffusionPipeline as its dummy placeholder class, which lacks the method.
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
 
 

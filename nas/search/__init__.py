@@ -5,6 +5,8 @@ import warnings
 
 from optuna.exceptions import ExperimentalWarning
 
-# Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
-# we rely on them knowingly (see REFERENCE.md), so their warnings are noise for users.
+# Heartbeats (`fail_stale_trials`), the stale-trial retry callback (RetryHeartbeatStaleTrialCallback)
+# and the `optuna.visualization.matplotlib` plots are marked experimental in Optuna (decorated with
+# `experimental_func` / `experimental_class` in its source; flagged in its API reference at
+# optuna.readthedocs.io). We rely on them knowingly, so their warnings are noise for users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)

@@ -164,6 +164,7 @@ def _searcher_class():
                 if "rejected" in result or stopped_early:
                     if stopped_early and "rejected" not in result:
                         ot_trial.set_user_attr("reason", f"stopped by ASHA at step {result.get('step')}")
+                    assert self._ot_study is not None  # OptunaSearch creates it before any trial
                     self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
                     self._completed_trials.add(trial_id)
                     return

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 import optuna
+from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from nas.runfolder import write_text
@@ -82,11 +83,7 @@ def plot_history(study: optuna.Study, path: Path) -> None:
     from optuna.visualization.matplotlib import plot_optimization_history
 
     target, name = _target(study)
-    ax = plot_optimization_history(study, target=target, target_name=name)
-    ax.figure.set_size_inches(6.5, 4.5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+    _save(plot_optimization_history(study, target=target, target_name=name), path)
 
 
 def plot_importances(study: optuna.Study, path: Path) -> str | None:
@@ -98,11 +95,18 @@ def plot_importances(study: optuna.Study, path: Path) -> str | None:
         ax = plot_param_importances(study, target=target, target_name=name)
     except (ValueError, RuntimeError) as exc:  # too few trials, or a single distinct value
         return str(exc).splitlines()[0]
-    ax.figure.set_size_inches(6.5, 4.5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+    _save(ax, path)
     return None
+
+
+def _save(ax, path: Path) -> None:
+    """Save the figure of an Optuna matplotlib plot at 6.5 x 4.5 inches, 120 dpi, and close it."""
+    fig = ax.figure
+    assert isinstance(fig, Figure)  # Optuna draws on a figure of its own, not a subfigure
+    fig.set_size_inches(6.5, 4.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summary_markdown(study: optuna.Study) -> str:

@@ -97,7 +97,7 @@ def space_digest(path: str | Path) -> str:
 def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
     """RDB storage, with heartbeats for `study.optimize` (the Ray engine asks and tells instead);
     an unreachable or malformed URL is a NasError."""
-    beat = {}
+    beat: dict[str, Any] = {}
     if heartbeat:
         beat = dict(
             heartbeat_interval=HEARTBEAT_S,
@@ -118,6 +118,7 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             raise NasError(
                 f"storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             ) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.Study:
@@ -299,6 +300,7 @@ def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, 
                 raise optuna.TrialPruned(f"pruned at step {step} (proxy_loss {loss:.4f})")
 
         def zero_cost_history() -> list[float]:
+            assert zc is not None  # evaluate_point asks only when the space has a zero-cost filter
             key = f"zero_cost_{zc.proxy}"
             return [
                 t.user_attrs[key]

@@ -80,16 +80,17 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
     last = len(arch.levels) - 1
     full_down, full_up = [], []
     for i, lv in enumerate(arch.levels):
-        if down[i] is not None:
-            fill = down[i][0]
+        level_down, level_up = down[i], up[i]
+        if level_down is not None:
+            fill = level_down[0]
         elif i == last and mid_depth:
             fill = mid_depth
-        elif up[i] is not None:
-            fill = up[i][0]
+        elif level_up is not None:
+            fill = level_up[0]
         else:
             fill = 1
-        full_down.append(down[i] or [fill] * lv.resnets)
-        full_up.append(up[i] or [full_down[i][0]] * (lv.resnets + 1))
+        full_down.append(level_down or [fill] * lv.resnets)
+        full_up.append(level_up or [full_down[i][0]] * (lv.resnets + 1))
     uniform = all(len(set(b)) == 1 for b in full_down + full_up) and all(
         u[0] == d[0] for u, d in zip(full_up, full_down)
     )
@@ -104,7 +105,9 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
             "up_block_types": ["CrossAttnUpBlock2D" if u else "UpBlock2D" for u in reversed(up)],
             "mid_block_type": mid_type,
             "layers_per_block": compact([lv.resnets for lv in arch.levels]),
-            # diffusers' `attention_head_dim` is in fact the number of heads (see REFERENCE.md).
+            # diffusers' `attention_head_dim` is in fact the number of heads: UNet2DConditionModel sets
+            # `num_attention_heads = num_attention_heads or attention_head_dim` (models/unets/
+            # unet_2d_condition.py; the misnaming is diffusers issue #2011).
             "attention_head_dim": compact(_heads_per_level(arch)),
         }
     )

@@ -29,7 +29,8 @@ class FixedChoices:
     """Replays given parameters; a missing or out-of-range one is an error naming it."""
 
     def __init__(self, params: dict[str, Any], source: str = "<params>"):
-        self.params, self.source, self.used = dict(params), source, set()
+        self.params, self.source = dict(params), source
+        self.used: set[str] = set()
 
     def _get(self, name: str) -> Any:
         if name not in self.params:

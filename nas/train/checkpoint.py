@@ -72,7 +72,9 @@ def _fsync_tree(folder: Path) -> None:
 
 def rng_state() -> dict:
     """Every RNG state of this process, as tensors and plain numbers (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state()
+    assert isinstance(state, tuple)  # legacy=True (the default): (kind, keys, pos, has_gauss, cached)
+    kind, keys, pos, has_gauss, cached = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -124,8 +126,9 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_model(model, str(tmp / "model.safetensors"))
-        if hasattr(model, "save_config"):
-            model.save_config(tmp)
+        save_config = getattr(model, "save_config", None)  # diffusers models: config.json beside
+        if save_config is not None:
+            save_config(tmp)
         if ema is not None:
             names = [name for name, _ in model.named_parameters()]
             save_file(

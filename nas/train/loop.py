@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class NonFiniteLoss(NasError):
 @dataclass
 class TrainResult:
     step: int  # optimizer steps done
-    val_loss: float | None  # final validation loss, raw weights
+    val_loss: float  # final validation loss, raw weights (evaluated at the end if not before)
     val_loss_start: float | None  # before the first step (fresh runs with a run folder only)
     val_loss_ema: float | None  # final validation loss, EMA weights (None without EMA)
     samples_per_s: float | None  # training throughput of this session (all processes)
@@ -176,6 +177,7 @@ def train(
     net = accelerator.unwrap_model(model)
 
     def make_ema():
+        assert config.ema is not None  # called only with EMA configured (or in the checkpoint's config)
         # foreach: one fused kernel per update on GPU; the per-tensor loop is as fast on CPU.
         return EMAModel(net.parameters(), decay=config.ema.decay, foreach=accelerator.device.type == "cuda")
 
@@ -292,13 +294,13 @@ def train(
 
     if val_loss is None:  # nothing trained in this session (resumed at the end)
         val_loss = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
-    val_loss_ema = None
+    val_loss_ema: float | None = None
     if ema is not None and not stopped:
         ema.store(net.parameters())
         ema.copy_to(net.parameters())
         val_loss_ema = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
         ema.restore(net.parameters())
-    rate = samples_per_step * (done - start) / train_time if train_time else None
+    session_rate = samples_per_step * (done - start) / train_time if train_time else None
     diverged = val_loss > DIVERGED_RATIO * best_val[0]
     if diverged and main:
         print(
@@ -317,7 +319,7 @@ def train(
                 "val_loss_start": val_start,
                 "val_loss": val_loss,
                 "val_loss_ema": val_loss_ema,
-                "samples_per_s": rate,
+                "samples_per_s": session_rate,
                 "stopped_early": stopped,
                 "best_val_loss": best_val[0],  # this session's (a resumed run starts afresh)
                 "best_val_step": best_val[1],
@@ -326,7 +328,7 @@ def train(
         )
         plot_losses(run / "metrics.csv", run / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(done, val_loss, val_start, val_loss_ema, rate, stopped, run)
+    return TrainResult(done, val_loss, val_start, val_loss_ema, session_rate, stopped, run)
 
 
 def check_arch_cache(arch, manifest: dict, arch_source: str, cache_source: str) -> None:
@@ -408,7 +410,7 @@ def proxy_train(
         cache = open_cache(cache)
     if steps < 1:
         raise NasError(f"proxy_train: steps must be >= 1 (got {steps})")
-    base = config.model_dump() if config is not None else {"warmup_steps": steps // 10}
+    base: dict[str, Any] = config.model_dump() if config is not None else {"warmup_steps": steps // 10}
     base.update(max_steps=steps, ema=None, val_every=every or max(1, steps // 4))
     if seed is not None:
         base["seed"] = seed
