@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from sqlalchemy.exc import IntegrityError
 from nas.config import dump_yaml
 from nas.errors import NasError
 from nas.search.objective import Hooks, Rejected, check_feasible_space, evaluate_point, proxy_config
+from nas.search.settings import SamplerName, SearchSettings
+from nas.settings import to_argv
 from nas.space import load_arch, load_space, sample_arch
 from nas.space.sample import arch_to_params
 from nas.space.schema import Space
@@ -52,6 +54,7 @@ SAMPLERS = {
     "nsga2": lambda seed, multi: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
     "random": lambda seed, multi: optuna.samplers.RandomSampler(seed=seed),  # a strong NAS baseline
 }
+assert tuple(SAMPLERS) == typing.get_args(SamplerName), "SamplerName must list the SAMPLERS keys"
 
 
 def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.BasePruner:
@@ -65,26 +68,6 @@ def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.
         "none": optuna.pruners.NopPruner,
     }
     return table[name]()
-
-
-@dataclass
-class SearchSettings:
-    space: str  # space YAML path
-    study: str
-    trials: int = 20  # finished trials to reach (complete + pruned + failed)
-    storage: str | None = None  # RDB URL; default sqlite:///results/<study>/study.db
-    cache: str | None = None  # latent cache folder
-    sampler: str = "tpe"
-    seed: int = 0
-    workers: int = 1  # local processes sharing the storage
-    results: str = "results"  # parent folder of results/<study>/
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.results) / self.study
-
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
 
 
 def space_digest(path: str | Path) -> str:
@@ -280,7 +263,9 @@ def write_metadata(settings: SearchSettings, space: Space) -> None:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (folder / "search.json").write_text(
-        json.dumps({"settings": asdict(settings), "environment": env}, indent=2)
+        json.dumps(
+            {"settings": settings.model_dump(mode="json", exclude={"dry_run"}), "environment": env}, indent=2
+        )
     )
 
 
@@ -323,9 +308,10 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
 
     children = []
     for rank in range(1, settings.workers):  # extra local workers share the storage
-        cmd = [sys.executable, "-m", "nas", "search", settings.space, "--study", settings.study, "--trials", str(settings.trials),
-               "--storage", settings.storage_url(), "--cache", settings.cache, "--sampler", settings.sampler,
-               "--seed", str(settings.seed + rank), "--results", settings.results, "--quiet"]  # fmt: skip
+        child = settings.model_copy(
+            update={"storage": settings.storage_url(), "seed": settings.seed + rank, "workers": 1}
+        )
+        cmd = [sys.executable, "-m", "nas", *to_argv(child), "--quiet"]
         children.append(subprocess.Popen(cmd))
 
     retried = fail_dead_local_trials(study)
