@@ -1,8 +1,8 @@
 """Command settings: one strict pydantic model per `nas` command (or sub-action).
 
 The model is the single description of a command's inputs: argparse gets its flags from it
-(`add_arguments`: positional or `--flag`, type, `help` from the field description, `choices` from
-`Literal[...]`, booleans as switches, lists as several values), the command line becomes a
+(`add_arguments`: positional or `--flag`, type, `help` from the field description, the choices of
+`Literal[...]` in the usage, booleans as switches, lists as several values), the command line becomes a
 validated model (`from_namespace`), `--dry-run` prints it, and `nas run` builds the same models
 directly from an experiment file and shows them as the equivalent command line (`to_argv`).
 
@@ -58,11 +58,12 @@ def split_commas(value: Any) -> Any:
     """'10,20' or ['10,20', '30'] -> ['10', '20', '30'] for list fields given with commas."""
     if isinstance(value, str):
         value = [value]
-    if isinstance(value, list | tuple):
-        return [
-            p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if str(p).strip()
-        ]
-    return value
+    if not isinstance(value, list | tuple):
+        return value
+    out = []
+    for item in value:
+        out += [p.strip() for p in item.split(",") if p.strip()] if isinstance(item, str) else [item]
+    return out
 
 
 def comma_list(*fields: str):
@@ -92,6 +93,11 @@ def _shape(annotation: Any) -> tuple[Any, bool, tuple | None]:
     if annotation is Path:
         return str, False, None
     return annotation, False, None
+
+
+def input_fields(model: type[CommandSettings]) -> dict[str, str]:
+    """{field: kind} of the fields naming a file or folder the command reads."""
+    return {n: _meta(f)["input"] for n, f in model.model_fields.items() if _meta(f).get("input")}
 
 
 def flag_name(name: str, field: pydantic.fields.FieldInfo) -> str:
@@ -127,8 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[CommandSettings])
         else:
             if not many:  # list items stay text: the model reads "10,20" and "10 20" alike
                 kw["type"] = kind
-            if choices:
-                kw["choices"] = choices
+            if choices:  # shown in the help; checked by the model, for a one-line error naming them
+                kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
             if many:
                 kw["nargs"] = "+"
                 kw["action"] = "extend"
@@ -138,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[CommandSettings])
                 kw.pop("action", None)
             elif not field.is_required():
                 kw["nargs"] = "?"
-            kw["metavar"] = name.upper()
+            kw.setdefault("metavar", name.upper())
             parser.add_argument(name, **kw)
         else:
             if field.is_required():
@@ -159,17 +165,19 @@ def add_actions(parser: argparse.ArgumentParser, models: dict[str, type[CommandS
 # ---- validation and errors -----------------------------------------------------------------------
 
 
-def settings_message(exc: pydantic.ValidationError, model: type[CommandSettings], name_of) -> str:
+def settings_message(
+    exc: pydantic.ValidationError, model: type[CommandSettings], name_of, allowed: list[str] | None = None
+) -> str:
     """The first error as 'NAME: what is wrong (allowed: ...)'; `name_of(field)` spells the field
     as the user wrote it (`--sampler` on the command line, `search.sampler` in an experiment)."""
     err = exc.errors()[0]
     loc = err["loc"]
     field = model.model_fields.get(str(loc[0])) if loc else None
-    name = name_of(str(loc[0])) if field is not None else ".".join(map(str, loc)) or "(settings)"
-    if len(loc) > 1 and field is not None:
-        name += "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    name = name_of(str(loc[0])) if loc else "(settings)"
+    name += "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
     if err["type"] == "extra_forbidden":
-        return f"{name}: unknown setting (allowed: {', '.join(name_of(n) for n in model.model_fields)})"
+        allowed = allowed or [name_of(n) for n in model.model_fields if n != "dry_run"]
+        return f"{name}: unknown setting (allowed: {', '.join(allowed)})"
     if err["type"] == "missing":
         return f"{name}: required"
     msg = err["msg"].removeprefix("Value error, ")
@@ -182,18 +190,27 @@ def settings_message(exc: pydantic.ValidationError, model: type[CommandSettings]
     return f"{name}: {msg}"
 
 
-def build(model: type[CommandSettings], values: dict[str, Any], name_of, prefix: str = "") -> CommandSettings:
-    """Validate `values` into `model`; a failure is one NasError line starting with `prefix`."""
+def build(
+    model: type[CommandSettings],
+    values: dict[str, Any],
+    name_of,
+    prefix: str = "",
+    allowed: list[str] | None = None,
+) -> CommandSettings:
+    """Validate `values` into `model`; a failure is one NasError line starting with `prefix`
+    (`allowed`: the settings an unknown key may be instead; default all of them)."""
     try:
         return model.model_validate(values)
     except pydantic.ValidationError as exc:
-        raise NasError(prefix + settings_message(exc, model, name_of)) from None
+        raise NasError(prefix + settings_message(exc, model, name_of, allowed)) from None
 
 
 def from_namespace(model: type[CommandSettings], ns: argparse.Namespace) -> CommandSettings:
     """The validated settings of a parsed command line; errors name the flag."""
     values = {k: v for k, v in vars(ns).items() if k in model.model_fields}
-    return build(model, values, lambda n: flag_name(n, model.model_fields[n]))
+    return build(
+        model, values, lambda n: flag_name(n, model.model_fields[n]) if n in model.model_fields else n
+    )
 
 
 # ---- model -> command line -----------------------------------------------------------------------

@@ -120,7 +120,11 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
 BAD = [
     ("unknown key", {"colour": "red"}, "colour: unknown key"),
     ("unknown stage key", {"train": {"config": "tiny", "epochs": 3}}, "train.epochs: unknown key"),
-    ("bad flag", {"vae": {"args": {"wings": 2}}}, "vae: "),
+    (
+        "bad flag",
+        {"vae": {"args": {"wings": 2}}},
+        "vae.args.wings: unknown setting (allowed: resolution, channels,",
+    ),
     ("missing data", {"data": {"path": "no/such/folder"}}, None),
 ]
 

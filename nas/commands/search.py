@@ -9,11 +9,13 @@ from typing import Literal
 from nas.search.settings import SearchSettings
 from nas.settings import arg
 
+Backend = Literal["optuna", "ray"]
+
 
 class Settings(SearchSettings):
     """Search a space with Optuna or Ray Tune."""
 
-    backend: Literal["optuna", "ray"] = arg("optuna", "engine: local Optuna processes or Ray Tune trials")
+    backend: Backend = arg("optuna", "engine: local Optuna processes or Ray Tune trials")
     quiet: bool = arg(False, "no progress bar or per-trial lines")
     ray_address: str | None = arg(
         None, "ray backend: existing cluster (e.g. ray://head:10001); default: local Ray"

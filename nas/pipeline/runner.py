@@ -12,7 +12,8 @@ from typing import Any
 
 from nas.config import dump_yaml, load
 from nas.errors import NasError
-from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, parse, plan
+from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, plan
+from nas.settings import execute, to_argv
 
 # Small results copied to results/<experiment>/ (committed); stage folders hold the rest.
 KEEP = {
@@ -52,7 +53,7 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
         "fingerprint": stage.fingerprint,
         "done": done,
         "seconds": round(previous + seconds, 2),  # all attempts at this fingerprint
-        "commands": [shlex.join(["nas", *argv]) for argv in stage.commands],
+        "commands": [shlex.join(["nas", *to_argv(s)]) for s in stage.commands],  # for humans
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tmp = folder / "stage.json.tmp"
@@ -62,22 +63,22 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
 
 def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Experiment) -> None:
     if stage.name == "variants":
+        from nas.pipeline import variants
         from nas.pipeline.comparison import compare, write_comparison
-        from nas.pipeline.variants import execute
 
-        execute(exp.variants, stage.jobs, folder)
+        variants.execute(exp.variants, stage.jobs, folder)
         print("variants: measuring U-Net latencies and comparing", flush=True)
         write_comparison(compare(exp.variants, folder.parent), folder)
         print((folder / "comparison.md").read_text(), flush=True)
         return
-    for argv in stage.commands:
-        argv = list(argv)
-        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / "checkpoints").is_dir():
-            argv.append("--resume")
-        args = parse(argv, f"{exp_path}: {stage.name}")
-        code = args._module.run(args)
+    for settings in stage.commands:
+        if resume and stage.name == "train" and (Path(settings.out) / "checkpoints").is_dir():
+            settings = settings.model_copy(update={"resume": True})
+        code = execute(settings)
         if code:
-            raise NasError(f"{exp_path}: stage {stage.name}: `nas {' '.join(argv)}` exited with {code}")
+            raise NasError(
+                f"{exp_path}: stage {stage.name}: `{shlex.join(['nas', *to_argv(settings)])}` exited with {code}"
+            )
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -106,8 +107,8 @@ def run_experiment(
     if dry_run:
         for stage in stages:
             print(f"{stage.name:10s} {statuses[stage.name]:7s} {stage.fingerprint}  {root / stage.name}")
-            for argv in stage.commands:
-                print(f"{'':10s} {shlex.join(['nas', *argv])}")
+            for settings in stage.commands:
+                print(f"{'':10s} {shlex.join(['nas', *to_argv(settings)])}")
         return {}
 
     started = time.perf_counter()
