@@ -31,7 +31,7 @@ from nas.errors import NasError
 from nas.pipeline.check import check_inputs
 from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
 from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
-from nas.settings import CommandSettings, build
+from nas.settings import CommandSettings, build, to_argv
 
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
 RESUMABLE = {"precompute", "search", "train", "variants"}  # rerun the same command to continue
@@ -262,7 +262,7 @@ def _digest(path: Path) -> str:
 def fingerprint(stages: list[Stage], exp: Experiment) -> None:
     done: dict[str, str] = {}
     for stage in stages:
-        commands = [[s.command, s.model_dump(mode="json")] for s in stage.commands]
+        commands = [to_argv(s) for s in stage.commands]  # the resolved settings, defaults left out
         h = hashlib.sha256(json.dumps([stage.name, commands], sort_keys=True).encode())
         h.update(
             json.dumps(
