@@ -133,15 +133,15 @@ class _Builder:
         """`values` set by the plan; `user` the experiment's extra settings (e.g. `vae.args`),
         which may not set what the plan sets."""
         keys = dict(keys or {})
+        free = [n for n in model.model_fields if n not in values and n != "dry_run"]  # for `user`
         for key in user or {}:
-            if key in values:
+            if key in model.model_fields and key not in free:
                 raise NasError(f"{self.exp_path}: {user_where}.{key}: set by nas run, not in the experiment")
             keys[key] = f"{user_where}.{key}"
 
         def name_of(f: str) -> str:
             return keys.get(f, f"{where}.{f}")
 
-        free = [n for n in model.model_fields if n not in values and n != "dry_run"]  # for `user`
         settings = build(model, {**(user or {}), **values}, name_of, f"{self.exp_path}: ", free)
         self.keys[id(settings)] = {f: name_of(f) for f in model.model_fields}
         return settings
@@ -222,7 +222,8 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
                "out": str(folder["evaluate"] / "eval"), "evaluator": evaluator and str(evaluator)}, "evaluate")  # fmt: skip
     stages.append(Stage("evaluate", [cmd], depends=["train", "data"]))
     if exp.variants is not None:
-        jobs = plan_variants(exp.variants, exp, lambda v: _relative(base, v), root, cache, evaluator, make)
+        resolve = {"arch": lambda v: _path(base, v), "config": lambda v: _relative(base, v)}
+        jobs = plan_variants(exp.variants, exp, resolve, root, cache, evaluator, make)
         files = [Path(_relative(base, p)) for v in exp.variants.runs for p in (v.arch, v.config)
                  if p and p != SEARCHED and Path(_relative(base, p)).is_file()]  # fmt: skip
         stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files,

@@ -129,7 +129,8 @@ def check_compare_steps(stage: VariantsStage, main_steps: list[int]) -> None:
 
 
 def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, evaluator: Path | None, make):
-    """{variant: [train settings?, eval settings]}; `resolve` makes paths absolute, `make` builds
+    """{variant: [train settings?, eval settings]}; `resolve[key]` reads an arch or config value
+    relative to the experiment file, `make` builds
     a command's settings (nas.pipeline.plan._Builder: errors name the experiment key)."""
     from nas.commands import eval, train
 
@@ -140,9 +141,9 @@ def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, e
         where = f"variants.runs.{i}"
         cmds = []
         if v.reuse is None:
-            arch = searched if v.arch == SEARCHED else resolve(v.arch)
+            arch = searched if v.arch == SEARCHED else resolve["arch"](v.arch)
             sets = [*exp.train.set, *v.set] if v.config is None else list(v.set)
-            values = {"config": resolve(v.config or exp.train.config), "arch": str(arch), "cache": str(cache),
+            values = {"config": resolve["config"](v.config or exp.train.config), "arch": str(arch), "cache": str(cache),
                       "out": str(run_folder(root, v.name)), "quiet": True, "max_steps": v.max_steps or exp.train.max_steps,
                       "overrides": sets}  # fmt: skip
             keys = {"overrides": f"{where}.set"} if v.config is not None else {"overrides": "train.set"}
