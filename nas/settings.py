@@ -1,9 +1,10 @@
 """Command settings: one strict pydantic model per `nas` command (or sub-action).
 
 The model is the single description of a command's inputs: argparse gets its flags from it
-(`add_arguments`: positional or `--flag`, type, `help` from the field description, the choices of
-`Literal[...]` in the usage, booleans as switches, lists as several values), the command line becomes a
-validated model (`from_namespace`), `--dry-run` prints it, and `nas run` builds the same models
+(`add_arguments`: positional or `--flag`, `help` from the field description, the choices of
+`Literal[...]` in the usage, booleans as switches, lists as several values), the command line
+becomes a validated model (`from_namespace`: types, bounds and choices checked by pydantic, one
+line naming the flag on error), `--dry-run` prints it, and `nas run` builds the same models
 directly from an experiment file and shows them as the equivalent command line (`to_argv`).
 
 Field metadata (`arg(...)`): `positional=True` for a positional argument, `flag="--from"` for a flag
@@ -130,9 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[CommandSettings])
         kw: dict[str, Any] = {"help": _help(field), "default": argparse.SUPPRESS}
         if kind is bool and not many:
             kw["action"] = "store_true"
-        else:
-            if not many:  # list items stay text: the model reads "10,20" and "10 20" alike
-                kw["type"] = kind
+        else:  # values stay text: the model converts them, with a one-line error naming the flag
             if choices:  # shown in the help; checked by the model, for a one-line error naming them
                 kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
             if many:
@@ -182,7 +181,7 @@ def settings_message(
         return f"{name}: required"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and not isinstance(err["input"], dict | list):
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {err['input']})"  # as typed on the command line
     if field is not None:
         choices = _shape(field.annotation)[2]
         if choices and err["type"] == "literal_error":
