@@ -22,10 +22,12 @@ import subprocess
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +40,10 @@ from nas.settings import to_argv
 from nas.space import load_arch, load_space, sample_arch
 from nas.space.sample import arch_to_params
 from nas.space.schema import Space
+
+# Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
+# we rely on them knowingly, so their warnings are noise for users.
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 HEARTBEAT_S = 5  # seconds between a running trial's heartbeats
 GRACE_S = 20  # a trial silent this long belongs to a dead process: failed and retried
