@@ -90,6 +90,19 @@ def test_every_command_round_trips_through_its_command_line():
         assert from_namespace(args._model, args) == settings
 
 
+def test_search_worker_command_line_is_the_parent_settings():
+    """`nas search --workers N` starts N-1 processes with the parent's settings as a command line."""
+    from nas.search.settings import SearchSettings
+
+    parent = SearchSettings(
+        space="s.yaml", study="x", trials=7, cache="c", sampler="random", seed=3, workers=4
+    )
+    child = parent.model_copy(update={"storage": "sqlite:///x.db", "seed": 5, "workers": 1})
+    args = build_parser().parse_args([*to_argv(child), "--quiet"])
+    parsed = from_namespace(args._model, args)
+    assert parsed.quiet and parsed.model_dump(include=set(SearchSettings.model_fields)) == child.model_dump()
+
+
 def test_dry_run_prints_the_settings_and_does_no_work(capsys, tmp_path):
     out = tmp_path / "shapes"
     assert main(["data", "shapes", "--out", str(out), "--n", "12", "--dry-run"]) == 0
