@@ -1,7 +1,9 @@
 """`nas` command line: a table of subcommands, each in nas/commands/<name>.py.
 
-Every command module defines `add_arguments(parser)` and `run(args) -> int | None`. The CLI turns a
-NasError into one line on stderr and exit code 2; it holds no logic of its own.
+Every command module defines `SETTINGS` (a pydantic model, nas/settings.py, or a table of them for
+sub-actions) and `run(settings) -> int | None`. argparse gets the flags from the model; the parsed
+line becomes a validated model; `--dry-run` prints it. The CLI turns a NasError into one line on
+stderr and exit code 2; it holds no logic of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import sys
 
 from nas.errors import EXIT_USER_ERROR, NasError
+from nas.settings import add_actions, add_arguments, execute, from_namespace
 
 # name -> (module, one-line help). One explicit table; unknown names are argparse errors.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+        if isinstance(module.SETTINGS, dict):
+            p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the usage table of the doc
+            add_actions(p, module.SETTINGS)
+        else:
+            add_arguments(p, module.SETTINGS)
+            p.set_defaults(_model=module.SETTINGS)
     return parser
 
 
@@ -48,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = args._module.run(args)
+        code = execute(from_namespace(args._model, args))
     except NasError as exc:
         print(f"nas {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"nas {args.command}: interrupted", file=sys.stderr)
         return 130
-    return int(code or 0)
+    return code
 
 
 if __name__ == "__main__":

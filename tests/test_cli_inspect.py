@@ -83,7 +83,7 @@ def test_missing_file_and_bad_flag(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing.yaml"))
     assert code == 2 and "file not found" in err
     code, _, err = run_cli(capsys, "inspect", str(ARCHS / "tiny_stock.yaml"), "--batch", "0")
-    assert code == 2 and "--batch must be in 1..1024, got 0" in err
+    assert code == 2 and "--batch: Input should be greater than or equal to 1 (got 0)" in err
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):

@@ -112,7 +112,7 @@ def test_compare_cli_bad_input_is_one_line_exit_2(sample_world, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "no prompts" in err and "\n" not in err
     assert main(["compare", run, run, "--steps-b", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "--steps must be in 1..1000" in capsys.readouterr().err
+    assert "--steps-b: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -90,11 +90,14 @@ def test_same_seeds_give_the_same_numbers(sample_world, tiny_evaluator, tmp_path
 def test_eval_bad_input_is_one_line_exit_2(sample_world, tiny_evaluator, tmp_path, capsys):
     run = str(sample_world.run_stock)
     cases = [
-        (["--steps", "0,10"], "every step count must be >= 1"),
-        (["--evaluator", str(tiny_evaluator), "--scheduler", "pndm"], "unknown scheduler"),
+        (["--steps", "0,10"], "--steps: every step count must be in 1..1000"),
+        (
+            ["--evaluator", str(tiny_evaluator), "--scheduler", "pndm"],
+            "--scheduler: unknown value 'pndm' (allowed: ddim, dpmpp, euler)",
+        ),
         ([], "pass --evaluator"),
         (["--evaluator", str(tmp_path)], "not an evaluator folder"),
-        (["--evaluator", str(tiny_evaluator), "--n", "1"], "--n must be >= 2"),
+        (["--evaluator", str(tiny_evaluator), "--n", "1"], "--n: Input should be greater than or equal to 2"),
     ]
     for extra, message in cases:
         assert main(["eval", run, "--out", str(tmp_path / "o"), *extra]) == 2

@@ -121,7 +121,11 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
 BAD = [
     ("unknown key", {"colour": "red"}, "colour: unknown key"),
     ("unknown stage key", {"train": {"config": "tiny", "epochs": 3}}, "train.epochs: unknown key"),
-    ("bad flag", {"vae": {"args": {"wings": 2}}}, "vae: "),
+    (
+        "bad flag",
+        {"vae": {"args": {"wings": 2}}},
+        "vae.args.wings: unknown setting (allowed: resolution, channels,",
+    ),
     ("missing data", {"data": {"path": "no/such/folder"}}, None),
 ]
 
@@ -136,10 +140,36 @@ def test_bad_experiment_is_one_line_exit_2(tmp_path, capsys, case, change, needl
         assert needle in err
 
 
+PLAN_ERRORS = [  # refused before the first stage: nothing is run, nothing is written
+    ("sampler", {"search": {"space": "space.yaml", "sampler": "tpee"}},
+     "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
+    ("train preset", {"train": {"config": "tiny_typo"}},
+     "train.config: unknown preset 'tiny_typo' (allowed: decidiffusion, sd15, tiny"),
+    ("missing space", {"search": {"space": "nope.yaml"}}, "search.space: "),
+    ("bad --set", {"train": {"config": "tiny", "set": ["lrr=1"]}}, "train.config: --set: lrr: unknown key"),
+    ("bad evaluator setting", {"data": {"shapes": {"n": 60}, "evaluator": {"steps": 0}}},
+     "data.evaluator.steps: Input should be greater than or equal to 1"),
+    ("missing variant arch", {"variants": {"runs": [{"name": "b", "arch": "no_arch.yaml"}]}},
+     "variants.runs.0.arch: "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize(("case", "change", "needle"), PLAN_ERRORS, ids=[p[0] for p in PLAN_ERRORS])
+def test_plan_is_checked_before_the_first_stage(tmp_path, capsys, case, change, needle, dry_run):
+    path = write(tmp_path, tiny_experiment(tmp_path, **change))
+    results = tmp_path / "r"
+    code = main(["run", path, "--results", str(results), *(["--dry-run"] if dry_run else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{path}: " in err and needle in err, err
+    assert not results.exists()
+
+
 def test_unknown_from_stage(tmp_path, capsys):
     path = write(tmp_path, tiny_experiment(tmp_path))
     assert main(["run", path, "--from", "deploy", "--results", str(tmp_path / "r")]) == 2
-    assert "allowed: data, vae" in capsys.readouterr().err
+    assert "--from: unknown value 'deploy' (allowed: data, vae" in capsys.readouterr().err
 
 
 @pytest.mark.slow

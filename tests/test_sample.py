@@ -176,12 +176,18 @@ def test_bad_input_is_one_line_exit_2(sample_world, tmp_path, capsys):
     no_weights.mkdir()
     shutil.copy(sample_world.run_stock / "config.yaml", no_weights / "config.yaml")
     out = ["--out", str(tmp_path / "o")]
-    assert "'plms': unknown scheduler" in _run_error(["sample", run, "--scheduler", "plms", *out], capsys)
-    assert "--steps must be in 1..1000" in _run_error(["sample", run, "--steps", "0", *out], capsys)
+    assert "--scheduler: unknown value 'plms' (allowed: ddim, dpmpp, euler)" in _run_error(
+        ["sample", run, "--scheduler", "plms", *out], capsys
+    )
+    assert "--steps: Input should be greater than or equal to 1" in _run_error(
+        ["sample", run, "--steps", "0", *out], capsys
+    )
     assert "no prompts" in _run_error(["sample", run, "--prompts-file", str(empty), *out], capsys)
     assert "no U-Net weights" in _run_error(["sample", str(no_weights), *out], capsys)
     assert "run folder not found" in _run_error(["sample", str(tmp_path / "nope"), *out], capsys)
-    assert "--guidance must be in 1..100" in _run_error(["sample", run, "--guidance", "0.5", *out], capsys)
+    assert "--guidance: Input should be greater than or equal to 1" in _run_error(
+        ["sample", run, "--guidance", "0.5", *out], capsys
+    )
     assert not (tmp_path / "o").exists()
 
 

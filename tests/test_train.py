@@ -103,7 +103,7 @@ def test_unknown_preset_name():
         (["nonexistent"], "unknown preset 'nonexistent'"),
         (["tiny", "--set", "warmup=5"], "--set: warmup: unknown key"),
         (["tiny", "--set", "batch_size=1.5"], "--set: batch_size: Input should be a valid integer"),
-        (["tiny", "--max-steps", "0"], "flags: max_steps: Input should be greater than or equal to 1"),
+        (["tiny", "--max-steps", "0"], "--max-steps: Input should be greater than or equal to 1 (got 0)"),
         (["tiny", "--cache", "c"], "no architecture: pass --arch"),
     ],
 )
@@ -139,7 +139,8 @@ def test_cli_dry_run_prints_resolved_config(capsys):
 
     assert main(["train", "sd15", "--set", "lr=5e-5", "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "lr: 5.0e-05" in printed and "schedule: scaled_linear" in printed
+    config = json.loads(printed)["resolved_config"]
+    assert config["lr"] == 5e-05 and config["diffusion"]["schedule"] == "scaled_linear"
 
 
 def test_cli_trains_on_the_shapes_cache(capsys, tmp_path, repo_root, shapes_cache):

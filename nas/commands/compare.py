@@ -5,67 +5,69 @@ offers it as a download. `nas compare --tally votes*.json` adds up the voters' f
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from nas.commands.sample import add_sampling_arguments, check_device, settings_from
+from nas.commands.sample import MAX_IMAGES, MAX_STEPS, Sampling, check_device
+from nas.settings import arg
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "runs", type=Path, nargs="*", metavar="RUN", help="RUN_A RUN_B: two run folders of `nas train`"
+class Settings(Sampling):
+    command = ("compare",)
+    runs: list[str] = arg([], "RUN_A RUN_B: two run folders of `nas train`", positional=True)
+    prompts_file: str | None = arg(
+        None, "one prompt a line (default: 10 captions held out of A's training)", input="file"
     )
-    p.add_argument(
-        "--prompts-file", type=Path, help="one prompt a line (default: 10 captions held out of A's training)"
-    )
-    p.add_argument("--steps-a", type=int, default=50, help="denoising steps for A (default 50)")
-    p.add_argument("--steps-b", type=int, default=30, help="denoising steps for B (default 30)")
-    p.add_argument("--n", type=int, default=3, help="images per prompt and model (default 3)")
-    p.add_argument("--page-seed", type=int, default=0, help="seed of the left/right order")
-    p.add_argument("--out", type=Path, help="new folder for index.html and images/")
-    p.add_argument("--tally", type=Path, nargs="+", metavar="VOTES", help="add up votes files instead")
-    add_sampling_arguments(p, steps=False)
+    steps_a: int = arg(50, "denoising steps for A", ge=1, le=MAX_STEPS)
+    steps_b: int = arg(30, "denoising steps for B", ge=1, le=MAX_STEPS)
+    n: int = arg(3, "images per prompt and model", ge=1, le=MAX_IMAGES)
+    page_seed: int = arg(0, "seed of the left/right order", ge=0)
+    out: str | None = arg(None, "new folder for index.html and images/")
+    tally: list[str] | None = arg(None, "add up votes files instead")
 
 
-def run(args) -> int:
+SETTINGS = Settings
+
+
+def run(settings: Settings) -> int:
     from nas.errors import NasError
 
-    if args.tally:
+    if settings.tally:
         from nas.evaluate.ab_page import tally
 
-        result = tally(args.tally)
+        result = tally([Path(p) for p in settings.tally])
         print(json.dumps(result, indent=2))
         return 0
-    if len(args.runs) != 2:
+    if len(settings.runs) != 2:
         raise NasError(
-            f"expected two run folders RUN_A RUN_B, got {len(args.runs)} (or use --tally VOTES...)"
+            f"expected two run folders RUN_A RUN_B, got {len(settings.runs)} (or use --tally VOTES...)"
         )
-    if args.out is None:
+    if settings.out is None:
         raise NasError("--out DIR is required (the folder for index.html and images/)")
     from nas.evaluate.ab_page import build_compare
     from nas.sample import read_prompts
     from nas.sample.run import held_out_captions
 
-    settings_a = settings_from(args, steps=args.steps_a)
-    settings_b = settings_from(args, steps=args.steps_b)
-    check_device(args.device)
-    prompts = read_prompts(None, args.prompts_file)
+    run_a, run_b, out = Path(settings.runs[0]), Path(settings.runs[1]), Path(settings.out)
+    settings_a = settings.sample_settings(settings.steps_a)
+    settings_b = settings.sample_settings(settings.steps_b)
+    check_device(settings.device)
+    prompts = read_prompts(None, settings.prompts_file and Path(settings.prompts_file))
     if prompts is None:
-        prompts = held_out_captions(args.runs[0], 10)
+        prompts = held_out_captions(run_a, 10)
     summary = build_compare(
-        args.runs[0],
-        args.runs[1],
+        run_a,
+        run_b,
         prompts,
-        args.out,
+        out,
         settings_a,
         settings_b,
-        n=args.n,
-        seed=args.seed,
-        page_seed=args.page_seed,
-        weights=args.weights,
-        device=args.device,
-        progress=not args.quiet,
+        n=settings.n,
+        seed=settings.seed,
+        page_seed=settings.page_seed,
+        weights=settings.weights,
+        device=settings.device,
+        progress=not settings.quiet,
     )
-    print(f"wrote {summary['pairs']} pairs to {args.out / 'index.html'}; open it in a browser")
+    print(f"wrote {summary['pairs']} pairs to {out / 'index.html'}; open it in a browser")
     return 0

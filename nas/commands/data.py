@@ -8,69 +8,83 @@ nas data train-evaluator --out DIR [--data D]  classifier for prompt alignment a
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 
+from nas.settings import CommandSettings, arg
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the usage table above
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = sub.add_parser("shapes", help="write the procedurally generated captioned dataset")
-    p.add_argument("--out", type=Path, required=True, help="new folder to write (refused if not empty)")
-    p.add_argument("--n", type=int, required=True, help="number of images, train + validation")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed; same seed, same bytes (default 0)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of scenes held out (default 0.1)")
-
-    p = sub.add_parser("train-evaluator", help="train the shapes evaluator (alignment + features)")
-    p.add_argument("--out", type=Path, required=True, help="new folder for evaluator.json + .safetensors")
-    p.add_argument("--data", type=Path, help="shapes folder whose validation split measures accuracy")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps (default 2500)")
-    p.add_argument(
-        "--train-images", type=int, default=20000, help="generated training images (default 20000)"
-    )
-    p.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+MAX_IMAGES = 10_000_000  # generated images; more is a typo (each is held in memory or on disk)
+MAX_SIZE = 1024  # pixels per side
 
 
-def run(args) -> int:
+class ShapesSettings(CommandSettings):
+    """write the procedurally generated captioned dataset"""
+
+    command = ("data", "shapes")
+    out: str = arg(help="new folder to write (refused if not empty)")
+    n: int = arg(help="number of images, train + validation", ge=10, le=MAX_IMAGES)
+    size: int = arg(32, "image side in pixels", ge=8, le=MAX_SIZE)
+    seed: int = arg(0, "dataset seed; same seed, same bytes", ge=0)
+    val_fraction: float = arg(0.1, "share of scenes held out", gt=0, lt=1)
+
+
+class EvaluatorSettings(CommandSettings):
+    """train the shapes evaluator (alignment + features)"""
+
+    command = ("data", "train-evaluator")
+    out: str = arg(help="new folder for evaluator.json + .safetensors")
+    data: str | None = arg(None, "shapes folder whose validation split measures accuracy", input="folder")
+    size: int = arg(32, "image side in pixels", ge=8, le=MAX_SIZE)
+    steps: int = arg(2500, "optimizer steps", ge=1, le=1_000_000)
+    train_images: int = arg(20000, "generated training images", ge=1, le=MAX_IMAGES)
+    seed: int = arg(1, "training seed", ge=0)
+
+
+SETTINGS = {"shapes": ShapesSettings, "train-evaluator": EvaluatorSettings}
+
+
+def _evaluator_config(settings: EvaluatorSettings):
+    from nas.config import validate
+    from nas.evaluate import shapes_evaluator as ev
+
+    values = {"resolution": settings.size, "steps": settings.steps, "train_images": settings.train_images}
+    return validate(ev.EvaluatorConfig, {**values, "seed": settings.seed}, "command line")
+
+
+def dry_run(settings) -> dict:
+    if isinstance(settings, EvaluatorSettings):
+        return {"resolved_config": _evaluator_config(settings).model_dump(mode="json")}
+    return {}
+
+
+def run(settings) -> int:
     # Before torch loads OpenMP: on a shared CPU, spinning threads made steps 10x slower (measured).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.data_command == "shapes":
+    if isinstance(settings, ShapesSettings):
         from nas.data import shapes
 
-        info = shapes.write(args.out, args.n, args.size, args.seed, args.val_fraction)
+        info = shapes.write(settings.out, settings.n, settings.size, settings.seed, settings.val_fraction)
         splits = ", ".join(f"{n} {s}" for s, n in info["splits"].items())
-        print(f"wrote {args.n} images ({splits}) to {args.out}")
+        print(f"wrote {settings.n} images ({splits}) to {settings.out}")
         return 0
-    return _train_evaluator(args)
+    return _train_evaluator(settings)
 
 
-def _train_evaluator(args) -> int:
-    from nas.config import validate
+def _train_evaluator(settings: EvaluatorSettings) -> int:
     from nas.errors import NasError
     from nas.evaluate import shapes_evaluator as ev
 
-    config = validate(
-        ev.EvaluatorConfig,
-        {"resolution": args.size, "steps": args.steps, "train_images": args.train_images, "seed": args.seed},
-        "command line",
-    )
-    if args.dry_run:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
-        return 0
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise NasError(f"{args.out}: exists and is not empty; choose a new --out (nothing was written)")
-    val = _validation_split(args.data, args.size) if args.data else None
+    config = _evaluator_config(settings)
+    out = Path(settings.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NasError(f"{out}: exists and is not empty; choose a new --out (nothing was written)")
+    val = _validation_split(Path(settings.data), settings.size) if settings.data else None
     evaluator, metrics = ev.train_evaluator(config, val)
-    ev.save_evaluator(evaluator, args.out)
+    ev.save_evaluator(evaluator, out)
     accuracy = ", ".join(f"{k} {v:.3f}" for k, v in metrics["val_accuracy"].items())
     print(
         f"evaluator: validation alignment {metrics['val_alignment']:.4f} on {metrics['val_images']} images "
-        f"({accuracy}; exact scenes {metrics['val_exact_scene']:.3f}); saved to {args.out}"
+        f"({accuracy}; exact scenes {metrics['val_exact_scene']:.3f}); saved to {out}"
     )
     return 0
 

@@ -5,43 +5,58 @@ Writes OUT/eval.json, OUT/quality_vs_steps.png and a grid of images per step cou
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from nas.commands.sample import add_sampling_arguments, check_device, settings_from
+from pydantic import field_validator
+
+from nas.commands.sample import MAX_IMAGES, MAX_STEPS, Sampling, check_device
+from nas.settings import arg, comma_list
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run folder of `nas train`")
-    p.add_argument(
-        "--steps", default="10,20,30,50", help="step counts, comma-separated (default 10,20,30,50)"
+class Settings(Sampling):
+    command = ("eval",)
+    run: str = arg(help="run folder of `nas train`", positional=True)
+    steps: list[int] = arg(
+        [10, 20, 30, 50], "step counts, comma- or space-separated", min_length=1, max_length=64
     )
-    p.add_argument(
-        "--n", type=int, default=200, help="images per step count: prompts x 1 seed each (default 200)"
+    n: int = arg(200, "images per step count: prompts x 1 seed each", ge=2, le=MAX_IMAGES)
+    evaluator: str | None = arg(None, "shapes evaluator folder (`nas data train-evaluator`)", input="folder")
+    out: str | None = arg(None, "output folder (default RUN/eval/<scheduler>-seed<K>)")
+
+    _commas = comma_list("steps")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int]) -> list[int]:
+        if any(s < 1 or s > MAX_STEPS for s in value):
+            raise ValueError(f"every step count must be in 1..{MAX_STEPS}")
+        return sorted(set(value))
+
+
+SETTINGS = Settings
+
+
+def run(settings: Settings) -> int:
+    from nas.evaluate.quality import evaluate_run
+
+    steps_list = settings.steps
+    sampling = settings.sample_settings(steps_list[-1])
+    check_device(settings.device)
+    run_dir = Path(settings.run)
+    out = (
+        Path(settings.out) if settings.out else run_dir / "eval" / f"{settings.scheduler}-seed{settings.seed}"
     )
-    p.add_argument("--evaluator", type=Path, help="shapes evaluator folder (`nas data train-evaluator`)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/eval/<scheduler>-seed<K>)")
-    add_sampling_arguments(p, steps=False)
-
-
-def run(args) -> int:
-    from nas.evaluate.quality import evaluate_run, parse_steps
-
-    steps_list = parse_steps(args.steps)
-    settings = settings_from(args, steps=steps_list[-1])
-    check_device(args.device)
-    out = args.out or args.run / "eval" / f"{args.scheduler}-seed{args.seed}"
     report = evaluate_run(
-        args.run,
+        run_dir,
         out,
         steps_list,
-        args.n,
-        settings,
-        evaluator_path=args.evaluator,
-        seed=args.seed,
-        weights=args.weights,
-        device=args.device,
-        progress=not args.quiet,
+        settings.n,
+        sampling,
+        evaluator_path=settings.evaluator and Path(settings.evaluator),
+        seed=settings.seed,
+        weights=settings.weights,
+        device=settings.device,
+        progress=not settings.quiet,
     )
     for row in report["results"]:
         if report["kind"] == "shapes":

@@ -6,26 +6,45 @@
 
 from __future__ import annotations
 
-import argparse
+from pydantic import field_validator
+
+from nas.settings import CommandSettings, arg
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", required=True)
-    p.add_argument("--storage", default=None, help="RDB URL (default sqlite:///RESULTS/<study>/study.db)")
-    p.add_argument("--results", default="results")
-    p.add_argument("--pick", default="best", help='best | knee | EXPR, e.g. "latency_ms<=12"')
-    p.add_argument("--out", required=True, help="folder to write")
+class Settings(CommandSettings):
+    command = ("export",)
+    study: str = arg(help="study name", min_length=1)
+    storage: str | None = arg(None, "RDB URL (default sqlite:///RESULTS/<study>/study.db)")
+    results: str = arg("results", "parent folder of the study folder")
+    pick: str = arg("best", 'best | knee | EXPR, e.g. "latency_ms<=12"')
+    out: str = arg(help="folder to write")
+
+    @field_validator("pick")
+    @classmethod
+    def _pick(cls, value: str) -> str:
+        if value not in ("best", "knee"):
+            from nas.errors import NasError
+            from nas.search.export import parse_conditions
+
+            try:
+                parse_conditions(value)
+            except NasError as exc:  # the message starts with "--pick 'EXPR': "
+                raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
 
 
-def run(args) -> int:
+SETTINGS = Settings
+
+
+def run(settings: Settings) -> int:
     from nas.search.export import export_trial, pick_trial
     from nas.search.study import load_study
 
-    study = load_study(args.study, args.storage, args.results)
-    trial = pick_trial(study, args.pick)
-    card = export_trial(study, trial, args.out, args.pick)
+    study = load_study(settings.study, settings.storage, settings.results)
+    trial = pick_trial(study, settings.pick)
+    card = export_trial(study, trial, settings.out, settings.pick)
     print(
-        f"exported trial {card['trial']} of {args.study} to {args.out}: {card['params']:,} params, "
+        f"exported trial {card['trial']} of {settings.study} to {settings.out}: {card['params']:,} params, "
         f"{card['macs'] / 1e9:.3f} GMACs, {card['latency_ms_p50']:.2f} ms, proxy loss {card['proxy_loss']:.5f}"
     )
     return 0

@@ -4,26 +4,31 @@ loads offline and runs with a plain text prompt, giving the images `nas sample` 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run folder of `nas train` (config.yaml, final/unet_ema/)")
-    p.add_argument("--out", type=Path, required=True, help="pipeline folder to write (must be new or empty)")
-    p.add_argument("--scheduler", default="ddim", help="scheduler saved in the folder: ddim, dpmpp, euler")
-    p.add_argument(
-        "--spacing", default="trailing", help="timestep grid: trailing (default), leading, linspace"
-    )
-    p.add_argument("--weights", default="auto", help="auto (EMA if the run has it), ema or raw")
+from nas.commands.sample import Scheduler, Spacing, Weights
+from nas.settings import CommandSettings, arg
 
 
-def run(args) -> int:
+class Settings(CommandSettings):
+    command = ("export-pipeline",)
+    run: str = arg(help="run folder of `nas train` (config.yaml, final/unet_ema/)", positional=True)
+    out: str = arg(help="pipeline folder to write (must be new or empty)")
+    scheduler: Scheduler = arg("ddim", "scheduler saved in the folder")
+    spacing: Spacing = arg("trailing", "timestep grid")
+    weights: Weights = arg("auto", "auto (EMA if the run has it), ema or raw")
+
+
+SETTINGS = Settings
+
+
+def run(settings: Settings) -> int:
     from nas.sample import export_pipeline
 
-    info = export_pipeline(args.run, args.out, args.scheduler, args.spacing, args.weights)
+    out = Path(settings.out)
+    info = export_pipeline(Path(settings.run), out, settings.scheduler, settings.spacing, settings.weights)
     print(
-        f"exported {info['unet_class']} ({info['weights']} weights) with {info['scheduler_class']} to {args.out};"
-        f" load with StableDiffusionPipeline.from_pretrained({str(args.out)!r})"
+        f"exported {info['unet_class']} ({info['weights']} weights) with {info['scheduler_class']} to {out};"
+        f" load with StableDiffusionPipeline.from_pretrained({str(out)!r})"
     )
     return 0

@@ -3,28 +3,32 @@ the size and cost range of a search-space file. The file kind is detected from i
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from nas import limits as L
 from nas.errors import NasError
+from nas.settings import CommandSettings, arg
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="architecture YAML (search_spaces/archs/*.yaml) or space YAML")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument(
-        "--latency", action="store_true", help="also measure forward latency (builds real weights)"
-    )
-    p.add_argument("--device", default="cpu", help="torch device for latency (cpu, cuda, cuda:1, mps)")
-    p.add_argument("--batch", type=int, default=1, help="latents per forward (default 1)")
-    p.add_argument("--tokens", type=int, default=None, help="text tokens (default: the file's text_len)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--warmup", type=int, default=3, help="untimed forwards before timing")
-    p.add_argument("--iters", type=int, default=10, help="timed forwards")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
+class Settings(CommandSettings):
+    command = ("inspect",)
+    path: str = arg(help="architecture YAML (search_spaces/archs/*.yaml) or space YAML", positional=True)
+    as_json: bool = arg(False, "print one JSON object instead of a table", flag="--json")
+    latency: bool = arg(False, "also measure forward latency (builds real weights)")
+    device: str = arg("cpu", "torch device for latency (cpu, cuda, cuda:1, mps)")
+    # the same bounds as a space file's `latency:` section (nas/limits.py)
+    batch: int = arg(1, "latents per forward", ge=1, le=L.MAX_LATENCY_BATCH)
+    tokens: int | None = arg(None, "text tokens (default: the file's text_len)", ge=1, le=L.MAX_TEXT_LEN)
+    dtype: Literal["fp32", "fp16", "bf16"] = arg("fp32", "weights and activations type for latency")
+    warmup: int = arg(3, "untimed forwards before timing", ge=0, le=L.MAX_LATENCY_WARMUP)
+    iters: int = arg(10, "timed forwards", ge=1, le=L.MAX_LATENCY_ITERS)
+    channels_last: bool = arg(False, "channels_last memory format")
+    compile: bool = arg(False, "torch.compile the model before timing")
+
+
+SETTINGS = Settings
 
 
 def _fmt(n: float) -> str:
@@ -34,25 +38,12 @@ def _fmt(n: float) -> str:
     return str(n)
 
 
-def _check_args(args) -> None:
-    from nas import limits as L
-
-    # flag -> (smallest, largest); the same bounds as the space file's `latency:` (nas/limits.py)
-    ranges = {
-        "batch": (1, L.MAX_LATENCY_BATCH),
-        "tokens": (1, L.MAX_TEXT_LEN),
-        "warmup": (0, L.MAX_LATENCY_WARMUP),
-        "iters": (1, L.MAX_LATENCY_ITERS),
-    }
-    for name, (low, high) in ranges.items():
-        value = getattr(args, name)
-        if value is not None and not low <= value <= high:
-            raise NasError(f"--{name} must be in {low}..{high}, got {value}")
-    if args.device.startswith("cuda"):
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise NasError(f"--device {args.device}: CUDA is not available on this machine (allowed: cpu)")
+            raise NasError(f"--device {device}: CUDA is not available on this machine (allowed: cpu)")
 
 
 def inspect_arch(args, data_path: Path) -> dict:
@@ -121,14 +112,15 @@ def inspect_space(args, path: Path) -> dict:
     }
 
 
-def run(args) -> int:
+def run(args: Settings) -> int:
     from nas.config import read_yaml
 
-    _check_args(args)
-    data = read_yaml(args.path)
+    _check_device(args.device)
+    path = Path(args.path)
+    data = read_yaml(path)
     is_space = isinstance(data, dict) and "depth" in data
-    report = inspect_space(args, args.path) if is_space else inspect_arch(args, args.path)
-    if args.json:
+    report = inspect_space(args, path) if is_space else inspect_arch(args, path)
+    if args.as_json:
         print(json.dumps(report, indent=2))
         return 0
     if is_space:

@@ -4,25 +4,30 @@ history.png, importances.png, summary.md. Browse the same storage live with
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", required=True)
-    p.add_argument("--storage", default=None, help="RDB URL (default sqlite:///RESULTS/<study>/study.db)")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", default=None, help="folder for the plots (default RESULTS/<study>/)")
+from nas.settings import CommandSettings, arg
 
 
-def run(args) -> int:
+class Settings(CommandSettings):
+    command = ("report",)
+    study: str = arg(help="study name", min_length=1)
+    storage: str | None = arg(None, "RDB URL (default sqlite:///RESULTS/<study>/study.db)")
+    results: str = arg("results", "parent folder of the study folder")
+    out: str | None = arg(None, "folder for the plots (default RESULTS/<study>/)")
+
+
+SETTINGS = Settings
+
+
+def run(settings: Settings) -> int:
     from nas.search.report import write_report
     from nas.search.study import load_study
 
-    study = load_study(args.study, args.storage, args.results)
-    written = write_report(study, args.out or Path(args.results) / args.study)
+    study = load_study(settings.study, settings.storage, settings.results)
+    written = write_report(study, settings.out or Path(settings.results) / settings.study)
     for name, path in written.items():
         print(f"{name:12s} {path}")
-    url = args.storage or f"sqlite:///{Path(args.results) / args.study / 'study.db'}"
+    url = settings.storage or f"sqlite:///{Path(settings.results) / settings.study / 'study.db'}"
     print(f"dashboard    optuna-dashboard {url}")
     return 0

@@ -1,21 +1,37 @@
 """Run an experiment end to end: data -> VAE -> precompute -> search -> export -> train ->
 sample -> evaluate -> report, each stage in RESULTS/<experiment>/<stage>/. A rerun skips stages
-whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes from there."""
+whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes from there. The
+whole plan (every stage's settings, every file it reads) is checked before the first stage runs."""
 
 from __future__ import annotations
 
-import argparse
+from typing import Literal
+
+from nas.settings import CommandSettings, arg
+
+Stage = Literal[
+    "data", "vae", "precompute", "search", "export", "train", "sample", "evaluate", "variants", "report"
+]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", help="experiment YAML (e.g. experiments/quickstart.yaml)")
-    p.add_argument("--from", dest="start", default=None, help="redo from this stage on")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
-    p.add_argument("--results", default="results", help="parent of the experiment folder")
+class Settings(CommandSettings):
+    command = ("run",)
+    experiment: str = arg(help="experiment YAML (e.g. experiments/quickstart.yaml)", positional=True)
+    start: Stage | None = arg(None, "redo from this stage on", flag="--from")
+    results: str = arg("results", "parent of the experiment folder")
+    dry_run: bool = arg(False, "check and print the resolved plan and exit (nothing is run or written)")
 
 
-def run(args) -> int:
+SETTINGS = Settings
+
+
+def dry_run(settings: Settings) -> None:
+    """The plan: each stage, its status and its `nas` command lines (printed by the pipeline)."""
+    run(settings)
+
+
+def run(settings: Settings) -> int:
     from nas.pipeline import run_experiment
 
-    run_experiment(args.experiment, args.results, start=args.start, dry_run=args.dry_run)
+    run_experiment(settings.experiment, settings.results, start=settings.start, dry_run=settings.dry_run)
     return 0

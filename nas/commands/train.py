@@ -8,44 +8,52 @@ Several GPUs: `accelerate launch --num_processes N -m nas train ...` (same code 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from nas.settings import CommandSettings, arg
+
+MAX_STEPS = 10_000_000  # optimizer steps; more is a typo (SD 1.5 trained ~1.4M)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="training config YAML, or a preset name: decidiffusion, sd15, tiny")
-    p.add_argument("--arch", type=Path, help="architecture YAML (default: the config's arch:)")
-    p.add_argument(
-        "--cache", type=Path, help="latent cache folder from `nas precompute` (default: the config's cache:)"
+class Settings(CommandSettings):
+    command = ("train",)
+    config: str = arg(
+        help="training config YAML, or a preset name: decidiffusion, sd15, tiny",
+        positional=True,
+        input="train_config",
     )
-    p.add_argument("--out", type=Path, help="run folder (default: results/train/<arch name>-<config name>)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides max_steps)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys, values in YAML syntax: lr=2e-4 ema.start=0.9 ema=null",
+    arch: str | None = arg(None, "architecture YAML (default: the config's arch:)", input="arch")
+    cache: str | None = arg(
+        None, "latent cache folder from `nas precompute` (default: the config's cache:)", input="folder"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    out: str | None = arg(None, "run folder (default: results/train/<arch name>-<config name>)")
+    max_steps: int | None = arg(None, "optimizer steps (overrides max_steps)", ge=1, le=MAX_STEPS)
+    resume: bool = arg(False, "continue from the run folder's latest checkpoint")
+    overrides: list[str] = arg(
+        [], "override config keys, values in YAML syntax: lr=2e-4 ema.start=0.9 ema=null", flag="--set"
+    )
+    quiet: bool = arg(False, "no progress bar")
 
 
-def run(args) -> int:
-    from nas.config import dump_yaml
+SETTINGS = Settings
+
+
+def resolve(settings: Settings):
+    """The training config: preset or file, then --set, then --max-steps (NasError naming the key)."""
     from nas.train.config import load_config
 
-    config = load_config(args.config, args.overrides, max_steps=args.max_steps)
-    if args.dry_run:
-        print(dump_yaml(config), end="")
-        return 0
+    return load_config(settings.config, settings.overrides, max_steps=settings.max_steps)
 
+
+def dry_run(settings: Settings) -> dict:
+    return {"resolved_config": resolve(settings).model_dump(mode="json")}
+
+
+def run(settings: Settings) -> int:
     from nas.train.loop import train_arch
 
-    result = train_arch(config, args.arch, args.cache, out=args.out, resume=args.resume, quiet=args.quiet)
+    config = resolve(settings)
+    result = train_arch(
+        config, settings.arch, settings.cache, out=settings.out, resume=settings.resume, quiet=settings.quiet
+    )
     if result.run_dir is not None:
         ema = f", EMA {result.val_loss_ema:.5f}" if result.val_loss_ema is not None else ""
         print(

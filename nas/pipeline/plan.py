@@ -2,9 +2,11 @@
 results/<experiment>/<stage>/ with its resolved config and a `stage.json` (fingerprint, done,
 seconds, command).
 
-A stage is the `nas` command a user would type (built from the experiment file and the folders of
-the stages before it), so `nas run` does exactly what the documented commands do. Its fingerprint
-hashes that command, the content of the files it reads (space, train config, prompts) and the
+A stage is the `nas` commands a user would type, built as the commands' settings models
+(nas/settings.py) from the experiment file and the folders of the stages before it, so `nas run`
+does exactly what the documented commands do; every stage's settings and every file a stage reads
+(that no earlier stage writes) are checked before the first stage runs. Its fingerprint hashes
+the resolved settings, the content of the files it reads (space, train config, prompts) and the
 fingerprints of the stages it depends on: a rerun skips a stage whose fingerprint is unchanged and
 finished, redoes one whose inputs changed (and everything after it), and resumes one that was
 interrupted (precompute, search and train continue from what they saved; the others start over).
@@ -12,11 +14,10 @@ interrupted (precompute, search and train continue from what they saved; the oth
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,22 +25,16 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from nas import limits as L
+from nas.commands.run import Stage as StageName
+from nas.commands.search import Backend
 from nas.config import Strict, read_yaml
 from nas.errors import NasError
+from nas.pipeline.check import check_inputs
 from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
+from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
+from nas.settings import CommandSettings, build, to_argv
 
-STAGES = (
-    "data",
-    "vae",
-    "precompute",
-    "search",
-    "export",
-    "train",
-    "sample",
-    "evaluate",
-    "variants",
-    "report",
-)
+STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
 RESUMABLE = {"precompute", "search", "train", "variants"}  # rerun the same command to continue
 
 
@@ -53,7 +48,7 @@ class ShapesData(Strict):
 class DataStage(Strict):
     shapes: ShapesData | None = None  # the embedded dataset (and its evaluator) ...
     path: str | None = None  # ... or an image folder with metadata.jsonl / tar shards
-    evaluator: dict[str, Any] = {}  # extra `nas data train-evaluator` flags, e.g. {steps: 1500}
+    evaluator: dict[str, Any] = {}  # extra `nas data train-evaluator` settings, e.g. {steps: 1500}
 
     @model_validator(mode="after")
     def _one(self) -> DataStage:
@@ -64,20 +59,20 @@ class DataStage(Strict):
 
 class VaeStage(Strict):
     path: str | None = None  # a diffusers AutoencoderKL folder; null: train one (`nas vae train`)
-    args: dict[str, Any] = {}  # extra `nas vae train` flags, e.g. {steps: 1500}
+    args: dict[str, Any] = {}  # extra `nas vae train` settings, e.g. {steps: 1500}
 
 
 class PrecomputeStage(Strict):
     text_encoder: str = "minilm"  # bundled MiniLM, or a transformers folder
-    args: dict[str, Any] = {}  # extra `nas precompute` flags
+    args: dict[str, Any] = {}  # extra `nas precompute` settings, e.g. {batch: 32}
 
 
 class SearchStage(Strict):
     space: str  # search-space YAML, relative to the experiment file
-    trials: int = Field(12, ge=1, le=L.MAX_TRIALS)
-    sampler: str = "tpe"
-    backend: str = "optuna"
-    workers: int = Field(1, ge=1, le=L.MAX_WORKERS)
+    trials: int = Field(12, ge=1, le=MAX_TRIALS)
+    sampler: SamplerName = "tpe"
+    backend: Backend = "optuna"
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     seed: int = Field(0, ge=0, le=L.MAX_SEED)
 
 
@@ -94,7 +89,7 @@ class TrainStage(Strict):
 class SampleStage(Strict):
     prompts: list[str] = []  # default: captions held out of training
     steps: int = Field(30, ge=1, le=L.MAX_SAMPLE_STEPS)
-    guidance: float = Field(4.0, ge=1, le=L.MAX_GUIDANCE)  # 1 = no classifier-free guidance
+    guidance: float = Field(4.0, ge=1, le=L.MAX_GUIDANCE)  # classifier-free guidance scale; 1 = none
     n: int = Field(1, ge=1, le=L.MAX_IMAGES)  # images per prompt
     seed: int = Field(0, ge=0, le=L.MAX_SEED)
 
@@ -105,7 +100,7 @@ class EvaluateStage(Strict):
 
 
 class Experiment(Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # folder RESULTS/<name>/ and the study's name
     description: str = ""
     data: DataStage
     vae: VaeStage = VaeStage()
@@ -121,29 +116,58 @@ class Experiment(Strict):
 @dataclass
 class Stage:
     name: str
-    commands: list[list[str]]  # `nas` argv lists, run in order
+    commands: list[CommandSettings]  # `nas` commands, run in order (shown as their command lines)
     inputs: list[Path] = field(default_factory=list)  # files whose content the stage reads
     depends: list[str] = field(default_factory=list)
     fingerprint: str = ""
-    jobs: dict[str, list[list[str]]] = field(default_factory=dict)  # variants: commands per variant
+    jobs: dict[str, list[CommandSettings]] = field(default_factory=dict)  # variants: per variant
 
 
-def _flags(args: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in args.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
+class _Builder:
+    """Builds each stage's settings from the experiment; errors name the experiment key."""
+
+    def __init__(self, exp_path: Path):
+        self.exp_path = exp_path
+        self.keys: dict[int, dict[str, str]] = {}
+
+    def __call__(self, model, values: dict[str, Any], where: str, keys: dict[str, str] | None = None,
+                 user: dict[str, Any] | None = None, user_where: str = "") -> CommandSettings:  # fmt: skip
+        """`values` set by the plan; `user` the experiment's extra settings (e.g. `vae.args`),
+        which may not set what the plan sets."""
+        keys = dict(keys or {})
+        free = [n for n in model.model_fields if n not in values and n != "dry_run"]  # for `user`
+        for key in user or {}:
+            if key in model.model_fields and key not in free:
+                raise NasError(f"{self.exp_path}: {user_where}.{key}: set by nas run, not in the experiment")
+            keys[key] = f"{user_where}.{key}"
+
+        def name_of(f: str) -> str:
+            return keys.get(f, f"{where}.{f}")
+
+        settings = build(model, {**(user or {}), **values}, name_of, f"{self.exp_path}: ", free)
+        self.keys[id(settings)] = {f: name_of(f) for f in model.model_fields}
+        return settings
+
+
+def _path(base: Path, value: str) -> str:
+    """A path written in the experiment file, relative to that file."""
+    return value if Path(value).is_absolute() else os.path.normpath(base / value)
 
 
 def _relative(base: Path, value: str) -> str:
+    """A name (preset, 'minilm') or a path relative to the experiment file."""
     path = Path(value)
     if path.is_absolute() or not (base / path).exists():
-        return value  # a preset name, or an absolute path
+        return value  # a name, an absolute path, or a path the check will report missing
     return os.path.normpath(base / path)
 
 
 def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
-    """The stages with their commands, folders and dependencies (nothing is run)."""
+    """The stages with their commands, folders and dependencies, every input checked (nothing is
+    run or written)."""
+    from nas.commands import data, eval, export, precompute, report, sample, search, train, vae
+
+    make = _Builder(exp_path)
     base = exp_path.parent
     root = results / exp.name
     folder = {name: root / name for name in STAGES}
@@ -151,102 +175,74 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     if exp.data.shapes is not None:
         shapes_dir = folder["data"] / "shapes"
         s = exp.data.shapes
+        evaluator = folder["data"] / "evaluator"
         stages.append(Stage("data", [
-            ["data", "shapes", "--out", str(shapes_dir), "--n", str(s.n), "--size", str(s.size), "--seed", str(s.seed)],
-            ["data", "train-evaluator", "--out", str(folder["data"] / "evaluator"), "--data", str(shapes_dir),
-             "--size", str(s.size), *_flags(exp.data.evaluator)],
+            make(data.ShapesSettings, {"out": str(shapes_dir), "n": s.n, "size": s.size, "seed": s.seed}, "data.shapes"),
+            make(data.EvaluatorSettings, {"out": str(evaluator), "data": str(shapes_dir), "size": s.size}, "data",
+                 user=exp.data.evaluator, user_where="data.evaluator"),
         ]))  # fmt: skip
         train_data = shapes_dir / "train"
-        evaluator = folder["data"] / "evaluator"
     else:
         assert exp.data.path is not None  # DataStage's validator: exactly one of shapes and path
-        train_data = Path(_relative(base, exp.data.path))
+        train_data = Path(_path(base, exp.data.path))
         stages.append(Stage("data", [], inputs=[train_data]))
         evaluator = None
     if exp.vae.path is None:
-        vae = folder["vae"] / "model"
-        stages.append(
-            Stage(
-                "vae",
-                [["vae", "train", "--data", str(train_data), "--out", str(vae), *_flags(exp.vae.args)]],
-                depends=["data"],
-            )
-        )
+        vae_dir = folder["vae"] / "model"
+        cmd = make(vae.TrainSettings, {"data": str(train_data), "out": str(vae_dir)}, "vae",
+                   keys={"data": "data.path"}, user=exp.vae.args, user_where="vae.args")  # fmt: skip
+        stages.append(Stage("vae", [cmd], depends=["data"]))
     else:
-        vae = Path(_relative(base, exp.vae.path))
-        stages.append(Stage("vae", [], inputs=[vae / "config.json"]))
+        vae_dir = Path(_path(base, exp.vae.path))
+        stages.append(Stage("vae", [], inputs=[vae_dir / "config.json"]))
     cache = folder["precompute"] / "cache"
-    text_encoder = _relative(base, exp.precompute.text_encoder)
-    stages.append(Stage("precompute", [["precompute", "--data", str(train_data), "--vae", str(vae), "--text-encoder", text_encoder,
-                                        "--out", str(cache), *_flags(exp.precompute.args)]], depends=["data", "vae"]))  # fmt: skip
-    space = Path(_relative(base, exp.search.space))
+    cmd = make(precompute.Settings, {"data": str(train_data), "vae": str(vae_dir), "out": str(cache),
+               "text_encoder": _relative(base, exp.precompute.text_encoder)}, "precompute",
+               keys={"data": "data.path", "vae": "vae.path"}, user=exp.precompute.args, user_where="precompute.args")  # fmt: skip
+    stages.append(Stage("precompute", [cmd], depends=["data", "vae"]))
+    space = Path(_path(base, exp.search.space))
     se = exp.search
-    stages.append(Stage("search", [["search", str(space), "--study", exp.name, "--trials", str(se.trials), "--cache", str(cache),
-                                    "--sampler", se.sampler, "--backend", se.backend, "--workers", str(se.workers),
-                                    "--seed", str(se.seed), "--results", str(folder["search"])]],
-                        inputs=[space], depends=["precompute"]))  # fmt: skip
-    stages.append(Stage("export", [["export", "--study", exp.name, "--results", str(folder["search"]), "--pick", exp.export.pick,
-                                    "--out", str(folder["export"])]], depends=["search"]))  # fmt: skip
+    cmd = make(search.Settings, {"space": str(space), "study": exp.name, "trials": se.trials, "cache": str(cache),
+               "sampler": se.sampler, "backend": se.backend, "workers": se.workers, "seed": se.seed,
+               "results": str(folder["search"])}, "search")  # fmt: skip
+    stages.append(Stage("search", [cmd], inputs=[space], depends=["precompute"]))
+    cmd = make(export.Settings, {"study": exp.name, "results": str(folder["search"]), "pick": exp.export.pick,
+               "out": str(folder["export"])}, "export")  # fmt: skip
+    stages.append(Stage("export", [cmd], depends=["search"]))
     run = folder["train"] / "run"
     config = _relative(base, exp.train.config)
-    train_cmd = [
-        "train",
-        config,
-        "--arch",
-        str(folder["export"] / "arch.yaml"),
-        "--cache",
-        str(cache),
-        "--out",
-        str(run),
-    ]
-    if exp.train.max_steps:
-        train_cmd += ["--max-steps", str(exp.train.max_steps)]
-    if exp.train.set:
-        train_cmd += ["--set", *exp.train.set]
-    stages.append(
-        Stage(
-            "train",
-            [train_cmd],
-            inputs=[Path(config)] if Path(config).is_file() else [],
-            depends=["export", "precompute"],
-        )
-    )
+    cmd = make(train.Settings, {"config": config, "arch": str(folder["export"] / "arch.yaml"), "cache": str(cache),
+               "out": str(run), "max_steps": exp.train.max_steps, "overrides": exp.train.set}, "train",
+               keys={"overrides": "train.set"})  # fmt: skip
+    stages.append(Stage("train", [cmd], inputs=[Path(config)] if Path(config).is_file() else [],
+                        depends=["export", "precompute"]))  # fmt: skip
     sp = exp.sample
-    sample_cmd = ["sample", str(run), "--out", str(folder["sample"] / "images"), "--steps", str(sp.steps), "--guidance", str(sp.guidance),
-                  "--n", str(sp.n), "--seed", str(sp.seed)]  # fmt: skip
-    if sp.prompts:
-        sample_cmd += ["--prompt", *sp.prompts]
-    stages.append(Stage("sample", [sample_cmd], depends=["train"]))
-    eval_cmd = ["eval", str(run), "--steps", ",".join(map(str, exp.evaluate.steps)), "--n", str(exp.evaluate.n),
-                "--out", str(folder["evaluate"] / "eval")]  # fmt: skip
-    if evaluator is not None:
-        eval_cmd += ["--evaluator", str(evaluator)]
-    stages.append(Stage("evaluate", [eval_cmd], depends=["train", "data"]))
+    cmd = make(sample.Settings, {"run": str(run), "out": str(folder["sample"] / "images"), "steps": sp.steps,
+               "guidance": sp.guidance, "n": sp.n, "seed": sp.seed, "prompt": sp.prompts or None}, "sample",
+               keys={"prompt": "sample.prompts"})  # fmt: skip
+    stages.append(Stage("sample", [cmd], depends=["train"]))
+    cmd = make(eval.Settings, {"run": str(run), "steps": exp.evaluate.steps, "n": exp.evaluate.n,
+               "out": str(folder["evaluate"] / "eval"), "evaluator": evaluator and str(evaluator)}, "evaluate")  # fmt: skip
+    stages.append(Stage("evaluate", [cmd], depends=["train", "data"]))
     if exp.variants is not None:
-        jobs = plan_variants(exp.variants, exp, lambda v: _relative(base, v), root, cache, evaluator)
+        resolve = {"arch": lambda v: _path(base, v), "config": lambda v: _relative(base, v)}
+        jobs = plan_variants(exp.variants, exp, resolve, root, cache, evaluator, make)
         files = [Path(_relative(base, p)) for v in exp.variants.runs for p in (v.arch, v.config)
                  if p and p != SEARCHED and Path(_relative(base, p)).is_file()]  # fmt: skip
         stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files,
                             depends=["precompute", "export", "train", "evaluate"], jobs=jobs))  # fmt: skip
-    stages.append(Stage("report", [["report", "--study", exp.name, "--results", str(folder["search"]), "--out", str(folder["report"])]],
-                        depends=["search", "export", "train", "sample", "evaluate"]))  # fmt: skip
-    for stage in stages:  # every command must parse now, not hours later
-        for argv in stage.commands:
-            parse(argv, f"{exp_path}: {stage.name}")
+    cmd = make(report.Settings, {"study": exp.name, "results": str(folder["search"]), "out": str(folder["report"])},
+               "report")  # fmt: skip
+    stages.append(Stage("report", [cmd], depends=["search", "export", "train", "sample", "evaluate"]))
+    for stage in stages:  # every file a stage reads must be usable now, not hours later
+        for settings in stage.commands:
+            keys: dict[str, str] = make.keys[id(settings)]
+
+            def where(field: str, keys: dict[str, str] = keys) -> str:
+                return f"{exp_path}: {keys[field]}"
+
+            check_inputs(settings, root, where)
     return stages
-
-
-def parse(argv: list[str], where: str):
-    """argparse Namespace for a `nas` argv; a flag the command rejects is a one-line NasError."""
-    from nas.cli import build_parser
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
-    except SystemExit:
-        last = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "invalid arguments"
-        raise NasError(f"{where}: {last}") from None
 
 
 def _digest(path: Path) -> str:
@@ -274,7 +270,8 @@ def _digest(path: Path) -> str:
 def fingerprint(stages: list[Stage], exp: Experiment) -> None:
     done: dict[str, str] = {}
     for stage in stages:
-        h = hashlib.sha256(json.dumps([stage.name, stage.commands], sort_keys=True).encode())
+        commands = [to_argv(s) for s in stage.commands]  # the resolved settings, defaults left out
+        h = hashlib.sha256(json.dumps([stage.name, commands], sort_keys=True).encode())
         h.update(
             json.dumps(
                 getattr(exp, stage.name).model_dump(mode="json") if hasattr(exp, stage.name) else None,

@@ -21,7 +21,7 @@ from typing import Any
 
 from nas.config import load
 from nas.errors import NasError
-from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, parse, plan
+from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, plan
 from nas.runfolder import (
     CHECKPOINTS,
     CONFIG,
@@ -34,6 +34,7 @@ from nas.runfolder import (
     relative_paths,
     write_json,
 )
+from nas.settings import execute, to_argv
 
 EXPERIMENT = "experiment.yaml"  # results/<experiment>/: the resolved experiment
 RUN = "run.json"  # results/<experiment>/: environment, seeds, stage fingerprints and commands
@@ -74,7 +75,7 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
         "fingerprint": stage.fingerprint,
         "done": done,
         "seconds": round(previous + seconds, 2),  # all attempts at this fingerprint
-        "commands": [shlex.join(["nas", *argv]) for argv in stage.commands],
+        "commands": [shlex.join(["nas", *to_argv(s)]) for s in stage.commands],  # for humans
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     RunFolder(folder).write_json(STAGE, state)
@@ -83,22 +84,24 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
 def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Experiment) -> None:
     if stage.name == "variants":
         from nas.evaluate.comparison import compare, write_comparison
-        from nas.pipeline.variants import execute
+        from nas.pipeline import variants
 
         assert exp.variants is not None  # plan() adds the variants stage only with variants
-        execute(exp.variants, stage.jobs, folder)
+        variants.execute(exp.variants, stage.jobs, folder)
         print("variants: measuring U-Net latencies and comparing", flush=True)
         write_comparison(compare(exp.variants, folder.parent), folder)
         print((folder / "comparison.md").read_text(), flush=True)
         return
-    for argv in stage.commands:
-        argv = list(argv)
-        if resume and argv[0] == "train" and (Path(argv[argv.index("--out") + 1]) / CHECKPOINTS).is_dir():
-            argv.append("--resume")
-        args = parse(argv, f"{exp_path}: {stage.name}")
-        code = args._module.run(args)
+    from nas.commands.train import Settings as TrainSettings
+
+    for settings in stage.commands:
+        if resume and isinstance(settings, TrainSettings) and (Path(settings.out) / CHECKPOINTS).is_dir():
+            settings = settings.model_copy(update={"resume": True})
+        code = execute(settings)
         if code:
-            raise NasError(f"{exp_path}: stage {stage.name}: `nas {' '.join(argv)}` exited with {code}")
+            raise NasError(
+                f"{exp_path}: stage {stage.name}: `{shlex.join(['nas', *to_argv(settings)])}` exited with {code}"
+            )
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -127,8 +130,8 @@ def run_experiment(
     if dry_run:
         for stage in stages:
             print(f"{stage.name:10s} {statuses[stage.name]:7s} {stage.fingerprint}  {root / stage.name}")
-            for argv in stage.commands:
-                print(f"{'':10s} {shlex.join(['nas', *argv])}")
+            for settings in stage.commands:
+                print(f"{'':10s} {shlex.join(['nas', *to_argv(settings)])}")
         return {}
 
     started = time.perf_counter()

@@ -122,34 +122,35 @@ def check_compare_steps(stage: VariantsStage, main_steps: list[int]) -> None:
             )
 
 
-def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, evaluator: Path | None):
-    """{variant: [train argv?, eval argv]} as `nas` argv lists; `resolve` makes paths absolute."""
+def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, evaluator: Path | None, make):
+    """{variant: [train settings?, eval settings]}; `resolve[key]` reads an arch or config value
+    relative to the experiment file, `make` builds
+    a command's settings (nas.pipeline.plan._Builder: errors name the experiment key)."""
+    from nas.commands import eval, train
+
     check_compare_steps(stage, exp.evaluate.steps)
-    jobs: dict[str, list[list[str]]] = {}
+    jobs: dict[str, list] = {}
     searched = root / "export" / "arch.yaml"
-    for v in stage.runs:
+    for i, v in enumerate(stage.runs):
+        where = f"variants.runs.{i}"
         cmds = []
         if v.reuse is None:
-            arch = searched if v.arch == SEARCHED else resolve(v.arch)
-            steps = v.max_steps or exp.train.max_steps
-            cmd = ["train", resolve(v.config or exp.train.config), "--arch", str(arch), "--cache", str(cache),
-                   "--out", str(run_folder(root, v.name)), "--quiet"]  # fmt: skip
-            if steps:
-                cmd += ["--max-steps", str(steps)]
+            arch = searched if v.arch == SEARCHED else resolve["arch"](v.arch)
             sets = [*exp.train.set, *v.set] if v.config is None else list(v.set)
-            if sets:
-                cmd += ["--set", *sets]
-            cmds.append(cmd)
+            values = {"config": resolve["config"](v.config or exp.train.config), "arch": str(arch), "cache": str(cache),
+                      "out": str(run_folder(root, v.name)), "quiet": True, "max_steps": v.max_steps or exp.train.max_steps,
+                      "overrides": sets}  # fmt: skip
+            keys = {"overrides": f"{where}.set"} if v.config is not None else {"overrides": "train.set"}
+            if v.config is None:
+                keys["config"] = "train.config"
+            cmds.append(make(train.Settings, values, where, keys=keys))
         e = v.eval
-        steps_list = e.steps or exp.evaluate.steps
-        cmd = ["eval", str(run_folder(root, v.reuse or v.name)), "--steps", ",".join(map(str, steps_list)),
-               "--n", str(e.n or exp.evaluate.n), "--out", str(eval_folder(root, v.name)), "--weights", e.weights,
-               "--quiet"]  # fmt: skip
+        values = {"run": str(run_folder(root, v.reuse or v.name)), "steps": e.steps or exp.evaluate.steps,
+                  "n": e.n or exp.evaluate.n, "out": str(eval_folder(root, v.name)), "weights": e.weights,
+                  "quiet": True, "evaluator": evaluator and str(evaluator)}  # fmt: skip
         if e.spacing:
-            cmd += ["--spacing", e.spacing]
-        if evaluator is not None:
-            cmd += ["--evaluator", str(evaluator)]
-        cmds.append(cmd)
+            values["spacing"] = e.spacing
+        cmds.append(make(eval.Settings, values, f"{where}.eval"))
         jobs[v.name] = cmds
     return jobs
 
@@ -183,8 +184,11 @@ def _prepare(argv: list[str]) -> list[str]:
     return argv
 
 
-def execute(stage: VariantsStage, jobs: dict[str, list[list[str]]], folder: Path) -> None:
+def execute(stage: VariantsStage, jobs: dict[str, list], folder: Path) -> None:
     """Run every job's commands in order, `workers` jobs at a time; reused runs wait for their training."""
+    from nas.settings import to_argv
+
+    jobs = {name: [to_argv(s) for s in cmds] for name, cmds in jobs.items()}  # `nas` subprocesses
     folder.mkdir(parents=True, exist_ok=True)
     state = _load_state(folder)
     threads = max(1, (os.cpu_count() or 1) // stage.workers)

@@ -7,15 +7,21 @@ import math
 import operator
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError
 from nas.runfolder import write_json, write_text, write_yaml
 from nas.space import arch_from_dict, build_unet, unet_config
+
+# Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
+# we rely on them knowingly, so their warnings are noise for users.
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 # Names usable in --pick expressions -> trial user attribute.
 FIELDS = {

@@ -23,12 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
@@ -36,9 +37,15 @@ from sqlalchemy.exc import IntegrityError
 from nas.errors import NasError
 from nas.runfolder import RunFolder, environment
 from nas.search.objective import Hooks, Rejected, check_feasible_space, evaluate_point, proxy_config
+from nas.search.settings import SamplerName, SearchSettings
+from nas.settings import to_argv
 from nas.space import load_arch, load_space, sample_arch
 from nas.space.sample import arch_to_params
 from nas.space.schema import Space
+
+# Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
+# we rely on them knowingly, so their warnings are noise for users.
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 HEARTBEAT_S = 5  # seconds between a running trial's heartbeats
 GRACE_S = 20  # a trial silent this long belongs to a dead process: failed and retried
@@ -55,6 +62,7 @@ SAMPLERS = {
     "nsga2": lambda seed, multi: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
     "random": lambda seed, multi: optuna.samplers.RandomSampler(seed=seed),  # a strong NAS baseline
 }
+assert tuple(SAMPLERS) == typing.get_args(SamplerName), "SamplerName must list the SAMPLERS keys"
 
 
 def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.BasePruner:
@@ -68,26 +76,6 @@ def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.
         "none": optuna.pruners.NopPruner,
     }
     return table[name]()
-
-
-@dataclass
-class SearchSettings:
-    space: str  # space YAML path
-    study: str
-    trials: int = 20  # finished trials to reach (complete + pruned + failed)
-    storage: str | None = None  # RDB URL; default sqlite:///results/<study>/study.db
-    cache: str | None = None  # latent cache folder
-    sampler: str = "tpe"
-    seed: int = 0
-    workers: int = 1  # local processes sharing the storage
-    results: str = "results"  # parent folder of results/<study>/
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.results) / self.study
-
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
 
 
 def space_digest(path: str | Path) -> str:
@@ -356,7 +344,8 @@ def write_metadata(settings: SearchSettings, space: Space) -> None:
     folder = RunFolder(settings.folder).mkdir()
     folder.write_yaml("space.yaml", space)
     env = environment(settings.seed)
-    folder.write_json("search.json", {"settings": asdict(settings), "environment": env})
+    settings_data = settings.model_dump(mode="json", exclude={"dry_run"})
+    folder.write_json("search.json", {"settings": settings_data, "environment": env})
 
 
 def _check_cache(space: Space, cache, cache_path: str) -> None:
@@ -398,9 +387,10 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
 
     children = []
     for rank in range(1, settings.workers):  # extra local workers share the storage
-        cmd = [sys.executable, "-m", "nas", "search", settings.space, "--study", settings.study, "--trials", str(settings.trials),
-               "--storage", settings.storage_url(), "--cache", settings.cache, "--sampler", settings.sampler,
-               "--seed", str(settings.seed + rank), "--results", settings.results, "--quiet"]  # fmt: skip
+        worker = settings.model_copy(
+            update={"storage": settings.storage_url(), "seed": settings.seed + rank, "workers": 1}
+        )
+        cmd = [sys.executable, "-m", "nas", *to_argv(worker), "--quiet"]
         children.append(subprocess.Popen(cmd))
 
     retried = fail_dead_local_trials(study)

@@ -1,0 +1,95 @@
+"""Whole-plan checks of `nas run`, before the first stage runs (and in --dry-run): every file or
+folder a stage reads that no earlier stage writes exists, and the files parse and validate (space
+with its baselines and proxy recipe, architectures, training configs with their `--set`
+overrides). A failure is one line naming the experiment file and the key; nothing is written.
+
+Which fields are inputs, and of what kind, is declared on the command settings (`arg(input=KIND)`,
+nas/settings.py); this module holds one checker per kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from nas.errors import NasError
+from nas.settings import CommandSettings, input_fields
+
+
+def _file(value: str, settings: CommandSettings) -> None:
+    if not Path(value).is_file():
+        raise NasError(f"{value}: file not found")
+
+
+def _folder(value: str, settings: CommandSettings) -> None:
+    if not Path(value).is_dir():
+        raise NasError(f"{value}: folder not found")
+
+
+def _data(value: str, settings: CommandSettings) -> None:
+    if "{" in value:  # a shard pattern ('shards/{00000..00009}.tar'): the reader expands it
+        return
+    if not Path(value).exists():
+        raise NasError(f"{value}: not found (an image folder with metadata.jsonl, or .tar shards)")
+
+
+def _vae(value: str, settings: CommandSettings) -> None:
+    folder = Path(value)
+    if not ((folder / "config.json").is_file() or (folder / "vae" / "config.json").is_file()):
+        raise NasError(f"{value}: not a diffusers AutoencoderKL folder (no config.json, nor vae/config.json)")
+
+
+def _text_encoder(value: str, settings: CommandSettings) -> None:
+    if value != "minilm" and not Path(value).is_dir():
+        raise NasError(f"{value}: not 'minilm' and no such transformers folder")
+
+
+def _space(value: str, settings: CommandSettings) -> None:
+    from nas.search.objective import proxy_config
+    from nas.space import load_arch, load_space
+    from nas.space.sample import arch_to_params
+
+    space = load_space(value)
+    for rel in space.baselines:  # resolved as the search resolves them
+        path = Path(value).parent / rel
+        arch_to_params(space, load_arch(path), str(path))
+    proxy_config(space, value)
+
+
+def _arch(value: str, settings: CommandSettings) -> None:
+    from nas.space import load_arch
+
+    load_arch(value)
+
+
+def _train_config(value: str, settings: CommandSettings) -> None:
+    from nas.train.config import load_config
+
+    load_config(value, settings.overrides, max_steps=settings.max_steps)  # type: ignore[attr-defined]
+
+
+# input kind (nas.settings.arg(input=...)) -> checker(value, settings); NasError if unusable
+CHECKS: dict[str, Callable[[str, CommandSettings], None]] = {
+    "file": _file,
+    "folder": _folder,
+    "data": _data,
+    "vae": _vae,
+    "text_encoder": _text_encoder,
+    "space": _space,
+    "arch": _arch,
+    "train_config": _train_config,
+}
+
+
+def check_inputs(settings: CommandSettings, produced: Path, where: Callable[[str], str]) -> None:
+    """Check every input of one command that is not under `produced` (written by a stage);
+    `where(field)` names the field as the experiment file spells it."""
+    root = produced.resolve()
+    for name, kind in input_fields(type(settings)).items():
+        value = getattr(settings, name)
+        if value is None or Path(value).resolve().is_relative_to(root):
+            continue
+        try:
+            CHECKS[kind](str(value), settings)
+        except NasError as exc:
+            raise NasError(f"{where(name)}: {exc}") from None

@@ -1,0 +1,39 @@
+"""`SearchSettings`: what one search is (space, study, trials, sampler, ...), shared by `nas search`,
+the Optuna and Ray engines and `nas run`. Kept apart from study.py so that reading the settings
+does not import torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from nas.settings import CommandSettings, arg
+
+SamplerName = Literal["tpe", "nsga2", "random"]  # keys of nas.search.study.SAMPLERS
+MAX_TRIALS = 100_000  # a study of more trials is a typo, not a plan (each trial trains a model)
+MAX_WORKERS = 1024  # parallel trials: local processes or Ray trials
+
+
+class SearchSettings(CommandSettings):
+    """Search a space (the engine's settings; `nas search` adds the backend's)."""
+
+    command: ClassVar[tuple[str, ...]] = ("search",)
+
+    space: str = arg(help="search-space YAML", positional=True, input="space")
+    study: str = arg(help="study name (results go to RESULTS/<study>/)", min_length=1)
+    trials: int = arg(20, "finished trials to reach (complete + pruned + failed)", ge=1, le=MAX_TRIALS)
+    storage: str | None = arg(None, "RDB URL (default sqlite:///RESULTS/<study>/study.db)")
+    cache: str | None = arg(None, "latent cache folder from `nas precompute`", input="folder")
+    sampler: SamplerName = arg("tpe", "Optuna sampler")
+    seed: int = arg(0, "sampler seed", ge=0)
+    workers: int = arg(
+        1, "parallel trials (processes sharing the storage, or Ray trials)", ge=1, le=MAX_WORKERS
+    )
+    results: str = arg("results", "parent folder of the study folder")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.results) / self.study
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
