@@ -95,7 +95,8 @@ def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Expe
     from nas.commands.train import Settings as TrainSettings
 
     for settings in stage.commands:
-        if resume and isinstance(settings, TrainSettings) and (Path(settings.out) / CHECKPOINTS).is_dir():
+        out = settings.out if isinstance(settings, TrainSettings) else None
+        if resume and out and (Path(out) / CHECKPOINTS).is_dir():
             settings = settings.model_copy(update={"resume": True})
         code = execute(settings)
         if code:
