@@ -239,7 +239,8 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
     """Finished trials that count toward --trials: a FAIL without an `error` attribute is a trial
-    whose process died (it is retried), not a failure of the architecture."""
+    whose process died (retried if its architecture was chosen) or a `surplus` one that gave way,
+    not a failure of the architecture."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     return trial.state == TrialState.FAIL and "error" in trial.user_attrs
@@ -256,11 +257,9 @@ def progress(study: optuna.Study) -> tuple[int, int]:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Optuna's heartbeat check (it runs before each trial of `optimize` too); experimental in
-    Optuna since 2.9 and stable in use, so its warning is noise here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    """Optuna's heartbeat check, which `optimize` runs only before each trial it starts: a worker
+    waiting for the others runs it itself, so a trial of a dead remote worker is still retried."""
+    optuna.storages.fail_stale_trials(study)
 
 
 class Surplus(Exception):
