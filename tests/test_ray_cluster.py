@@ -67,6 +67,10 @@ def settings(space, cache, results, study, trials):
     )
 
 
+def states(trials) -> list:
+    return [(t.state.name, t.user_attrs.get("error")) for t in trials]
+
+
 def assert_placement(trials, nodes):
     for t in trials:
         assert t.user_attrs["latency_node"] == nodes["latency"], t.number
@@ -80,7 +84,7 @@ def test_latency_on_the_a10g_node_training_elsewhere_then_export(cluster, search
     argv += ["--ray-address", cluster["cluster"].address, "--latency-accelerator", "A10G"]
     assert main(argv) == 0
     trials = load_study("c", results=str(results)).get_trials()
-    assert len(trials) == 4 and all(t.state in FINISHED for t in trials)
+    assert len(trials) == 4 and all(t.state in FINISHED for t in trials), states(trials)
     assert_placement(trials, cluster)
     assert {t.user_attrs["train_node"] for t in trials} <= {cluster["head"], cluster["worker"].node_id}
     out = tmp_path / "export"
@@ -117,7 +121,7 @@ def test_killed_driver_resumes_with_tuner_restore(cluster, search_cache, space_f
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     trials = load_study("d", results=str(results)).get_trials()
     # Tuner.restore continued the same experiment: no fresh trials beyond the four, none left RUNNING.
-    assert len(trials) == 4 and all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    assert len(trials) == 4 and all(t.state in FINISHED for t in trials), states(trials)
     assert before <= finished_numbers(load_study("d", results=str(results)))
     assert_placement(trials, cluster)
 
@@ -159,6 +163,6 @@ def test_worker_node_killed_mid_study_loses_no_trial(cluster, search_cache, spac
     trials = load_study("k", results=str(results)).get_trials()
     # Tune retried the trial the lost node was running (FailureConfig); none errored or got lost.
     assert grid.num_errors == 0
-    assert len(trials) == 5 and all(t.state in FINISHED for t in trials), [t.state for t in trials]
+    assert len(trials) == 5 and all(t.state in FINISHED for t in trials), states(trials)
     assert seen["before"] <= finished_numbers(load_study("k", results=str(results)))
     assert_placement(trials, cluster)

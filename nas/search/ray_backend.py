@@ -151,7 +151,9 @@ def _remote_measure(accelerator: str | None, device: str):
     """A `measure` function for evaluate_point: local, or a Ray task on the accelerator type."""
     if accelerator is None:
         return measure_cost
-    options = latency_resources(accelerator, device)
+    # Outside the trial's placement group (Tune makes child tasks inherit it, and its bundle has
+    # no accelerator token, so the task could never be scheduled).
+    options = {**latency_resources(accelerator, device), "scheduling_strategy": "DEFAULT"}
 
     def measure(space, arch):
         import ray
