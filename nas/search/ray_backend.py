@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import TrialState
+
 from nas.errors import NasError
 from nas.search.objective import (
     METRIC_KEYS,
@@ -200,11 +202,16 @@ def _searcher_class():
             import optuna
 
             ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished():
+                # A restored experiment reruns a trial whose end its last saved state missed (the
+                # driver died after the trial had told Optuna): the first figures stand.
+                self._completed_trials.add(trial_id)
+                return
             if ot_trial is not None and result and "error" in result:  # the architecture raised
                 for key in ATTRS:
                     if key in result:
                         ot_trial.set_user_attr(key, result[key])
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
                 self._completed_trials.add(trial_id)
                 return
             if ot_trial is not None and result:
@@ -375,6 +382,25 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
             ),
         )
     write_owner(path, owner)
+    # Optuna trials a killed driver left RUNNING: Tune resumes those its last saved state knew.
+    left_running = (
+        {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if restore
+        else set()
+    )
     results = tuner.fit()
+    fail_orphans(study, left_running)
     del study
     return results
+
+
+def fail_orphans(study, left_running: set[int]) -> None:
+    """Fail the trials a killed driver started after Tune last saved its state: the restored
+    experiment never heard of them, so they would stay RUNNING forever (Tune drew a new point in
+    their place, so the study still reaches its trial count)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in left_running:
+            study._storage.set_trial_user_attr(
+                t._trial_id, "error", "driver killed before Ray Tune saved this trial"
+            )
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
