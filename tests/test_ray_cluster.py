@@ -2,7 +2,8 @@
 raylet per node, as `ray start` makes): a head and a worker that train (1 CPU each) and a latency
 node that declares `accelerator_type:A10G` (what Ray declares on a real A10G node) and no CPU, as
 the README tells a user to start a dedicated latency node. Every wait below waits for a state; its
-deadline only guards against a hang."""
+deadline only guards against a hang. The cluster tests are `slow` (`make test-slow`): about 8
+minutes together on a loaded 2-core machine, most of it Ray start-up and node-death detection."""
 
 import os
 import subprocess
@@ -77,6 +78,7 @@ def assert_placement(trials, nodes):
         assert t.user_attrs["train_node"] != nodes["latency"], t.number
 
 
+@pytest.mark.slow  # a 3-node cluster and three studies: minutes on 2 cores
 def test_latency_on_the_a10g_node_training_elsewhere_then_export(cluster, search_cache, space_file, tmp_path):
     results = tmp_path / "results"
     argv = ["search", str(space_file("ray")), "--study", "c", "--trials", "4", "--workers", "2"]
@@ -96,6 +98,7 @@ def finished_numbers(study) -> set[int]:
     return {t.number for t in study.get_trials() if t.state in FINISHED}
 
 
+@pytest.mark.slow  # a 3-node cluster and three studies: minutes on 2 cores
 def test_killed_driver_resumes_with_tuner_restore(cluster, search_cache, space_file, tmp_path):
     results = tmp_path / "results"
     argv = [sys.executable, "-m", "nas", "search", str(space_file("ray")), "--study", "d", "--trials", "4"]
@@ -106,8 +109,9 @@ def test_killed_driver_resumes_with_tuner_restore(cluster, search_cache, space_f
     try:
         deadline = time.monotonic() + HANG
         while driver.poll() is None and time.monotonic() < deadline:
-            db = results / "d" / "study.db"
-            if db.exists() and finished_numbers(load_study("d", results=str(results))):
+            if (results / "d" / "ray" / "owner.json").exists() and finished_numbers(
+                load_study("d", results=str(results))
+            ):
                 break
             time.sleep(0.5)
         assert driver.poll() is None, driver.stderr.read().decode()[-2000:]  # killed mid-study
@@ -140,6 +144,7 @@ def trial_actor_on(node_id: str) -> bool:
     )
 
 
+@pytest.mark.slow  # a 3-node cluster and three studies: minutes on 2 cores
 def test_worker_node_killed_mid_study_loses_no_trial(cluster, search_cache, space_file, tmp_path):
     """Last in this module: the worker node is gone afterwards."""
     results = tmp_path / "results"
@@ -150,8 +155,8 @@ def test_worker_node_killed_mid_study_loses_no_trial(cluster, search_cache, spac
     def kill_worker_when_it_trains() -> None:
         deadline = time.monotonic() + HANG
         while time.monotonic() < deadline:
-            db = results / "k" / "study.db"
-            done = finished_numbers(load_study("k", results=str(results))) if db.exists() else set()
+            started = (results / "k" / "ray" / "owner.json").exists()  # the study exists: read it
+            done = finished_numbers(load_study("k", results=str(results))) if started else set()
             if done and trial_actor_on(worker.node_id):
                 seen["before"] = {n for n in done}
                 cluster["cluster"].remove_node(worker, allow_graceful=False)  # SIGKILL its raylet
