@@ -5,9 +5,18 @@ or an existing cluster. Trials are recorded in the same Optuna storage as the Op
 - Resources per trial: CPUs, GPUs (fractional shares a GPU). A request no node can satisfy would
   stay PENDING forever in Ray; it is refused up front against `ray.cluster_resources()`.
 - `latency_accelerator`: latency is measured in a Ray task pinned to a node of that accelerator
-  type (Ray's `accelerator_type:<TYPE>` resource, e.g. A10G) while proxy training runs anywhere.
+  type (Ray's `accelerator_type:<TYPE>` resource, which Ray declares, as 1, on a node with such a
+  GPU, e.g. A10G). The task asks for that whole resource, so timings on one node run one at a time,
+  a GPU when the space measures on cuda, and no CPU. Proxy training is kept off that node by CPU:
+  the node is started with `--num-cpus=0` (KubeRay: `rayStartParams: {num-cpus: "0"}`) and every
+  trial needs CPUs (`cpus_per_trial` > 0 is required), so no trial fits there and the node's GPU
+  and cores stay quiet for timing. A latency node that offers CPUs is warned about (trials may
+  train on it). Each trial records `latency_node` and `train_node` (Ray node ids).
 - ASHA stops trials early on the proxy loss; with several objectives Optuna's sampler still builds
   a Pareto front from the trials that ran to the end.
+- Failures: an exception of the architecture (raised in the trainable or the latency task) is
+  caught and reported as the trial's `error` (Optuna FAIL), never retried; only what Tune still
+  sees as a failure, a trial actor lost with its node or worker, is retried (`FailureConfig`).
 - A killed run resumes from results/<study>/ray/ with `Tuner.restore`.
 """
 
@@ -16,9 +25,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from optuna.trial import TrialState
 
 from nas.errors import NasError
 from nas.search.objective import (
@@ -43,7 +56,7 @@ from nas.space import FixedChoices, load_space, sample_arch
 
 # Result keys copied to the Optuna trial's user attributes (what export and report read).
 ATTRS = ("arch_name", "params", "macs", "attention_macs", "model_class", "latency_ms_p50",
-         "latency_ms_p90", "peak_memory_mb", "other_cores_busy", "proxy_loss", "proxy_seconds", "rejected", "reason", "error")  # fmt: skip
+         "latency_ms_p90", "peak_memory_mb", "other_cores_busy", "proxy_loss", "proxy_seconds", "rejected", "reason", "error", "latency_node", "train_node")  # fmt: skip
 
 
 @dataclass
@@ -113,20 +126,55 @@ def check_owner(path: Path, owner: dict[str, str]) -> None:
             )
 
 
-def _remote_measure(accelerator: str | None, gpus: float):
+# A lost node or worker fails a trial through no fault of its architecture (whose own errors are
+# caught in the trainable and recorded, see `trainable`), so Tune restarts it from scratch; 3
+# restarts let a trial survive a few node losses while a broken cluster still ends the trial.
+NODE_LOSS_RETRIES = 3
+
+
+def _latency_task(space, arch) -> dict[str, Any]:
+    import ray
+
+    return {**measure_cost(space, arch), "latency_node": ray.get_runtime_context().get_node_id()}
+
+
+def latency_resources(accelerator: str, device: str) -> dict[str, Any]:
+    """Ray options of the latency task: the node's whole `accelerator_type` token (Ray declares 1
+    per node), so two timings never share a node; a whole GPU to time on cuda; no CPU, so it runs
+    on a latency node started with `--num-cpus=0`."""
+    return {
+        "num_cpus": 0,
+        "num_gpus": 1 if device.startswith("cuda") else 0,
+        "resources": {f"accelerator_type:{accelerator}": 1.0},
+    }
+
+
+def _remote_measure(accelerator: str | None, device: str):
     """A `measure` function for evaluate_point: local, or a Ray task on the accelerator type."""
     if accelerator is None:
         return measure_cost
+    # Outside the trial's placement group (Tune makes child tasks inherit it, and its bundle has
+    # no accelerator token, so the task could never be scheduled).
+    options = {**latency_resources(accelerator, device), "scheduling_strategy": "DEFAULT"}
 
     def measure(space, arch):
         import ray
 
-        task = ray.remote(
-            num_gpus=max(gpus, 1e-3) if gpus else 0, resources={f"accelerator_type:{accelerator}": 1e-3}
-        )
-        return ray.get(task(measure_cost).remote(space, arch))
+        return ray.get(ray.remote(**options)(_latency_task).remote(space, arch))
 
     return measure
+
+
+def latency_node_warnings(nodes: list[dict], accelerator: str) -> list[str]:
+    """One line per live node of the accelerator type that also offers CPUs: trials may train
+    there, beside (and slowing) the latency timings. `nodes` is `ray.nodes()`."""
+    key = f"accelerator_type:{accelerator}"
+    return [
+        f"Ray node {n['NodeID'][:12]} ({key}) offers CPU={n['Resources']['CPU']:g}: proxy trainings"
+        " may run there and disturb the latency timings; start it with --num-cpus=0 to reserve it"
+        for n in nodes
+        if n.get("Alive") and key in n.get("Resources", {}) and n["Resources"].get("CPU", 0) > 0
+    ]
 
 
 class DefineByRun:
@@ -154,6 +202,18 @@ def _searcher_class():
             import optuna
 
             ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished():
+                # A restored experiment reruns a trial whose end its last saved state missed (the
+                # driver died after the trial had told Optuna): the first figures stand.
+                self._completed_trials.add(trial_id)
+                return
+            if ot_trial is not None and result and "error" in result:  # the architecture raised
+                for key in ATTRS:
+                    if key in result:
+                        ot_trial.set_user_attr(key, result[key])
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                self._completed_trials.add(trial_id)
+                return
             if ot_trial is not None and result:
                 for key in ATTRS:
                     if key in result:
@@ -184,6 +244,11 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
 
     if settings.trials < 1:
         raise NasError(f"--trials must be >= 1, got {settings.trials}")
+    if ray_settings.latency_accelerator and not ray_settings.cpus_per_trial > 0:
+        raise NasError(
+            f"--cpus-per-trial must be > 0 with --latency-accelerator, got {ray_settings.cpus_per_trial:g}:"
+            " trials are kept off the latency node (started with --num-cpus=0) by needing CPUs"
+        )
     space = load_space(settings.space)
     if settings.cache is None:
         raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
@@ -209,14 +274,18 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
     import ray
 
     request = {"CPU": ray_settings.cpus_per_trial, "GPU": ray_settings.gpus_per_trial}
-    if ray_settings.latency_accelerator:
-        request[f"accelerator_type:{ray_settings.latency_accelerator}"] = 1e-3
+    accelerator = ray_settings.latency_accelerator
+    if accelerator:
+        latency = latency_resources(accelerator, space.latency.device)
+        check_resources({**latency["resources"], "GPU": latency["num_gpus"]}, ray.cluster_resources())
+        for line in latency_node_warnings(ray.nodes(), accelerator):
+            print(f"warning: {line}", file=sys.stderr)
     check_resources(request, ray.cluster_resources())
 
     metrics = [o.metric for o in space.objectives]
     modes = ["min" if o.direction == "minimize" else "max" for o in space.objectives]
     multi = len(metrics) > 1
-    measure = _remote_measure(ray_settings.latency_accelerator, ray_settings.gpus_per_trial)
+    measure = _remote_measure(accelerator, space.latency.device)
     study_name = settings.study
 
     def trainable(config: dict[str, Any]) -> None:
@@ -226,7 +295,10 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
         cache = open_cache(cache_path)
         # Every report carries everything known so far: ASHA may stop a trial at any report, and
         # the searcher stores the last one (the architecture as JSON: Ray flattens nested dicts).
-        record: dict[str, Any] = {"arch_json": json.dumps(arch.to_data())}
+        record: dict[str, Any] = {
+            "arch_json": json.dumps(arch.to_data()),
+            "train_node": ray.get_runtime_context().get_node_id(),
+        }
 
         def objectives(proxy_loss: float) -> dict[str, float]:
             # Ray checks that every report names every objective: cost figures exist before training.
@@ -235,6 +307,11 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
 
         def report(step: int, loss: float) -> None:
             tune.report({**record, **objectives(loss), "proxy_loss": loss, "step": step})
+
+        def failed(exc: BaseException) -> None:
+            traceback.print_exception(exc)  # into the trial's log
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            tune.report({**record, **objectives(math.nan), "error": message, "step": 0})
 
         try:
             result = evaluate_point(
@@ -251,6 +328,14 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
                     "step": 0,
                 }
             )
+            return
+        except ray.exceptions.RayTaskError as exc:  # the latency task raised: the architecture's
+            failed(exc.cause if isinstance(exc.cause, BaseException) else exc)
+            return
+        except ray.exceptions.RayError:  # a lost node, worker or object: Tune retries the trial
+            raise
+        except Exception as exc:  # the architecture's own error: recorded, never retried
+            failed(exc)
             return
         final = {**record, **result.metrics, "step": space.proxy.steps}
         for name in metrics:
@@ -293,11 +378,30 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
             run_config=tune.RunConfig(
                 name=study_name,
                 storage_path=str(path),
-                failure_config=tune.FailureConfig(max_failures=0),  # a failing architecture fails once
+                failure_config=tune.FailureConfig(max_failures=NODE_LOSS_RETRIES),
                 verbose=0 if quiet else 1,
             ),
         )
     write_owner(path, owner)
+    # Optuna trials a killed driver left RUNNING: Tune resumes those its last saved state knew.
+    left_running = (
+        {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if restore
+        else set()
+    )
     results = tuner.fit()
+    fail_orphans(study, left_running)
     del study
     return results
+
+
+def fail_orphans(study, left_running: set[int]) -> None:
+    """Fail the trials a killed driver started after Tune last saved its state: the restored
+    experiment never heard of them, so they would stay RUNNING forever (Tune drew a new point in
+    their place, so the study still reaches its trial count)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in left_running:
+            study._storage.set_trial_user_attr(
+                t._trial_id, "error", "driver killed before Ray Tune saved this trial"
+            )
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
