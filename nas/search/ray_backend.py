@@ -85,6 +85,7 @@ def _connect(address: str | None, quiet: bool) -> None:
             ray.init(address=address, log_to_driver=not quiet, configure_logging=False)
         else:
             ray.init(
+                address="local",  # a new instance: never join a cluster someone started on this host
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
                 log_to_driver=not quiet,
@@ -201,8 +202,13 @@ def _searcher_class():
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             import optuna
 
+            # OptunaSearch's `_ot_trials` (Ray trial id -> Optuna trial), `_ot_study` and
+            # `_completed_trials` are private: Ray has no public way to reach the Optuna trial
+            # behind a Tune trial. tests/test_ray_backend.py fails if a Ray release renames them.
             ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is not None and ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished():
+            study = self._ot_study
+            assert study is not None  # set by OptunaSearch before any trial is suggested
+            if ot_trial is not None and study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
                 # A restored experiment reruns a trial whose end its last saved state missed (the
                 # driver died after the trial had told Optuna): the first figures stand.
                 self._completed_trials.add(trial_id)
@@ -211,7 +217,7 @@ def _searcher_class():
                 for key in ATTRS:
                     if key in result:
                         ot_trial.set_user_attr(key, result[key])
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+                study.tell(ot_trial, state=TrialState.FAIL)
                 self._completed_trials.add(trial_id)
                 return
             if ot_trial is not None and result:
@@ -398,10 +404,12 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
 def fail_orphans(study, left_running: set[int]) -> None:
     """Fail the trials a killed driver started after Tune last saved its state: the restored
     experiment never heard of them, so they would stay RUNNING forever (Tune drew a new point in
-    their place, so the study still reaches its trial count)."""
+    their place, so the study still reaches its trial count). Like any trial whose process was
+    lost they are FAIL without `error` (not counted); the study's `orphaned_trials` lists them."""
+    orphaned = list(study.user_attrs.get("orphaned_trials", []))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number in left_running:
-            study._storage.set_trial_user_attr(
-                t._trial_id, "error", "driver killed before Ray Tune saved this trial"
-            )
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            orphaned.append(t.number)
+    if orphaned:
+        study.set_user_attr("orphaned_trials", sorted(set(orphaned)))
