@@ -84,6 +84,10 @@ def _connect(address: str | None, quiet: bool) -> None:
         if address:
             ray.init(address=address, log_to_driver=not quiet, configure_logging=False)
         else:
+            # Ray runs its workers at nice 15, so any other busy process on the machine starves
+            # the trials (measured: 3% of a core beside two spinning processes). Here the trials
+            # are the user's foreground work; a cluster keeps its own setting.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(
                 address="local",  # a new instance: never join a cluster someone started on this host
                 num_cpus=os.cpu_count(),
