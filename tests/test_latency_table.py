@@ -288,3 +288,47 @@ def test_gpu_table_ranks_like_whole_networks(tmp_path):
     print(json.dumps(result["predictor"]))
     assert result["predictor"]["spearman"] >= 0.8
     assert result["predictor"]["mape_pct"] <= 20
+
+
+def test_search_with_table_source_and_card(search_cache, space_file, tiny_table, tmp_path, capsys):
+    """A search with `source: table`: trials record the predicted figure and its source, budgets use
+    it, the exported card names the source and device; a table for another dtype stops the search
+    before any trial."""
+    from optuna.trial import TrialState
+
+    from nas.cli import main
+    from nas.search.study import SearchSettings, run_search
+
+    latency = {"source": "table", "table": str(tiny_table), "device": "cpu", "batch": 1}
+    space = space_file("tabled", latency=latency, budgets={"latency_ms": 10 + 3 * 18})
+    settings = SearchSettings(
+        space=str(space), study="tb", trials=3, cache=str(search_cache), results=str(tmp_path / "results")
+    )
+    study = run_search(settings, quiet=True)
+    for t in study.get_trials():
+        a = t.user_attrs
+        assert a["latency_source"] == "table" and a["latency_table"] == str(tiny_table.resolve())
+        if a["latency_ms_p50"] > 10 + 3 * 18:
+            assert t.state == TrialState.PRUNED and "latency_ms" in a["reason"]
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert done
+    out = tmp_path / "export"
+    assert main(["export", "--study", "tb", "--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["latency_source"] == "table" and card["latency_device"]
+    assert "predicted from latency table `tiny.json`" in (out / "card.md").read_text()
+    wrong = space_file("wrongdtype", latency={**latency, "dtype": "bf16"})
+    code = main(
+        [
+            "search",
+            str(wrong),
+            "--study",
+            "w",
+            "--cache",
+            str(search_cache),
+            "--results",
+            str(tmp_path / "r2"),
+        ]
+    )
+    assert code == 2 and "dtype=fp32" in capsys.readouterr().err
+    assert not (tmp_path / "r2" / "w" / "study.db").exists()
