@@ -115,11 +115,7 @@ def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: 
         whole_seconds_30=30 * whole_seconds / len(rows) / passes,
         max_other_cores_busy=max(r["other_cores_busy"] for r in rows),
         median_other_cores_busy=statistics.median(r["other_cores_busy"] for r in rows),
-        fit={
-            "slope": table.fit.slope,
-            "intercept_ms": table.fit.intercept_ms,
-            "mean_abs_error_pct": table.fit.mean_abs_error_pct,
-        },  # fmt: skip
+        fit=table.fit.model_dump(exclude={"points"}),
         rows=rows,
     )
     return result

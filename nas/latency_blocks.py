@@ -126,8 +126,8 @@ def space_blocks(space: Space) -> set[Block]:
         last = depth - 1
         for i in range(depth):
             ls, size = L[i], s.latent_size // 2**i
-            prevs = L[i - 1].channels if i else [None]
-            nexts = L[i + 1].channels if i < last else [None]
+            prevs = L[i - 1].channels if i else [0]  # 0: no such level
+            nexts = L[i + 1].channels if i < last else [0]
             for c0, cp, c, cn in product(c0s, prevs, ls.channels, nexts):
                 if (i == 0 and c0 != c) or (i == 1 and cp != c0):
                     continue  # c0 is level 0's channels

@@ -81,7 +81,7 @@ class Fit(Strict):
 
 
 class LatencyTable(Strict):
-    format: Literal["nas-latency-table/1"] = FORMAT
+    format: Literal["nas-latency-table/1"] = "nas-latency-table/1"  # = FORMAT
     space: str  # name of the space it was built for (any space whose blocks it covers may use it)
     settings: Settings
     device: DeviceInfo
