@@ -29,6 +29,8 @@ from nas.runfolder import read_json, write_json
 from nas.space import RandomChoices, extreme_archs, sample_arch
 from nas.space.schema import Arch, Space
 
+FIT_PASSES = 3  # whole-network passes over the fit networks; each network's median is fitted
+
 
 def fit_archs(space: Space, count: int, seed: int = 0) -> list[Arch]:
     """The networks the correction is fitted on: the smallest and largest point of every depth
@@ -74,7 +76,7 @@ def build_table(
     state = read_json(part, default=None) if part.is_file() else None
     if isinstance(state, dict) and state.get("header") == header:
         log(
-            f"resuming {part}: {min(map(len, state['rounds'].values()), default=0)} rounds, {len(state['fit'])} networks done"
+            f"resuming {part}: {min(map(len, state['rounds'].values()), default=0)} rounds, {sum(map(len, state['fit']))} whole-network measurements done"
         )
     else:
         if state is not None:
@@ -107,18 +109,34 @@ def build_table(
         other_cores_busy=round(max(busy, state["busy"]), 2),
     )
     archs = fit_archs(space, fit_count, seed)
+    runs: list[list[dict]] = state["fit"]  # per pass, per network: a measured FitPoint
+    for p in range(FIT_PASSES):  # interleaved passes: load that comes and goes hits all alike
+        if p == len(runs):
+            runs.append([])
+        for i, arch in enumerate(archs[len(runs[p]) :], start=len(runs[p])):
+            point = measure_whole(arch, setup, device, fit_iters)
+            runs[p].append(point.model_dump(mode="json"))
+            state["busy"] = max(state["busy"], point.other_cores_busy)
+            save()
+            if p == FIT_PASSES - 1:
+                mine = [FitPoint(**r[i]).measured_ms for r in runs]
+                log(
+                    f"  network {i + 1}/{len(archs)} {arch.name}: {statistics.median(mine):.2f} ms whole"
+                    f" (median of {len(mine)} passes), {blocks_ms(table, arch):.2f} ms blocks"
+                )
+    points = []
     for i, arch in enumerate(archs):
-        if i < len(state["fit"]):
-            continue
-        point = measure_whole(arch, setup, device, fit_iters)
-        point = point.model_copy(update={"blocks_ms": blocks_ms(table, arch)})
-        state["fit"].append(point.model_dump(mode="json"))
-        state["busy"] = max(state["busy"], point.other_cores_busy)
-        save()
-        log(
-            f"  network {i + 1}/{len(archs)} {arch.name}: {point.measured_ms:.2f} ms whole, {point.blocks_ms:.2f} ms blocks"
+        measured = [FitPoint(**r[i]) for r in runs]
+        points.append(
+            FitPoint(
+                arch=arch.name,
+                blocks_ms=blocks_ms(table, arch),
+                measured_ms=statistics.median(m.measured_ms for m in measured),
+                measured_p90_ms=statistics.median(m.measured_p90_ms for m in measured),
+                other_cores_busy=max(m.other_cores_busy for m in measured),
+            )
         )
-    fit = fit_correction([FitPoint(**p) for p in state["fit"]])
+    fit = fit_correction(points)
     table = table.model_copy(
         update={
             "fit": fit,
