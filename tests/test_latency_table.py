@@ -144,9 +144,22 @@ def test_build_predict_and_resume(tiny_space, tmp_path, monkeypatch):
         lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=interrupt)
     assert not out.exists() and lb.partial_path(out).exists()  # nothing half-written
     lines.clear()
-    table = lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append)
+
+    def interrupt_fit(line):
+        lines.append(line)
+        if "network 2/4" in line:  # last of the 3 passes over the fit networks
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=interrupt_fit)
     assert any(line.startswith("resuming") for line in lines)
     assert not any("round 1/3" in line for line in lines)  # the done rounds are not rerun
+    lines.clear()
+    measured = []
+    whole = lb.measure_whole
+    monkeypatch.setattr(lb, "measure_whole", lambda arch, *a: measured.append(arch.name) or whole(arch, *a))
+    table = lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append)
+    assert len(measured) == 2  # networks 3 and 4 of the last pass only
     assert not lb.partial_path(out).exists()
     loaded = lt.load_table(out)
     assert loaded == table
