@@ -3,7 +3,7 @@ whole-network latency, against MACs and parameter counts as baselines.
 
 Per space: build the table on the device (blocks + the correction fitted on its few networks),
 draw N random architectures (distinct, none of the fit networks), measure each whole as the search's
-`source: measure` does (nas.cost.measure_latency; `--passes` interleaved passes over all networks,
+`source: measure` does (nas.cost.measure_latency; 5 interleaved passes over all networks,
 median kept), and compare. Figures: Spearman rho, mean absolute percentage error (MAPE), share of
 networks within +-10%. MACs and params are ranked the same way, and, to compare errors on equal
 terms, turned into milliseconds by a line fitted on the table's own fit networks. Every measurement
@@ -63,7 +63,7 @@ def draw(space, count: int, exclude: set[str], seed: int):
     return archs
 
 
-def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: int = 7, passes: int = 3,
+def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: int = 7, passes: int = 5,
                    iters: int = 5, fit: int = 6, seed: int = 100) -> dict:  # fmt: skip
     space = load_space(space_path)
     lat = space.latency
@@ -102,6 +102,10 @@ def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: 
         "space": space.name,
         "count": len(rows),
         "predictor": figures([r["predicted_ms"] for r in rows], measured),
+        # against each network's fastest pass, the least touched by other processes (a loaded machine)
+        "predictor_vs_fastest_pass": figures(
+            [r["predicted_ms"] for r in rows], [min(r["passes_ms"]) for r in rows]
+        ),
     }
     for key in ("macs", "params"):  # the same calibration budget: a line on the table's fit networks
         slope, intercept = _line([fit_cost[p.arch][key] for p in table.fit.points], fit_ms)
@@ -152,7 +156,7 @@ def readme(summary: dict) -> str:
         f" {env['torch']}, {summary['threads']} threads, device `{summary['device']}`, {summary['date']}."
         " Per space: the table is built (every block timed, correction fitted on its fit networks), then"
         f" {summary['results'][0]['count']} random other networks are measured whole"
-        " (nas.cost.measure_latency, 3 interleaved passes, median) and predicted from the table.",
+        " (nas.cost.measure_latency, 5 interleaved passes, median) and predicted from the table.",
         "MACs and params are made into milliseconds by a line through the same fit networks.",
         "",
         "| space | figure | Spearman rho | MAPE | within +-10% | max abs error |",
