@@ -165,6 +165,7 @@ def readme(summary: dict) -> str:
     for r in summary["results"]:
         for key, label in (
             ("predictor", "**table**"),
+            ("predictor_vs_fastest_pass", "table vs fastest pass"),
             ("macs", "MACs (linear)"),
             ("params", "params (linear)"),
         ):
