@@ -120,6 +120,17 @@ def _fake_clock(monkeypatch):
     """Every block sample reads 1 ms; a whole network reads 10 ms + 3 ms per block."""
     monkeypatch.setattr(lt, "_sample_ms", lambda run, inputs, calls, cuda, dev: 1.0)
 
+    class Quiet:  # a fake clock takes no wall time: the load ratio would be noise
+        cores = 0.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(lt, "OtherLoad", Quiet)
+
     def whole(arch, setup, device, iters):
         ms = 10.0 + 3.0 * len(arch_blocks(arch))
         return lt.FitPoint(arch=arch.name, blocks_ms=0.0, measured_ms=ms, measured_p90_ms=1.5 * ms)
@@ -210,7 +221,9 @@ def _with_latency(space, **latency):
 
 def test_check_table_device_dtype_batch_coverage_load(tiny_space, tiny_table):
     table = lt.load_table(tiny_table)
-    lt.check_table(table, tiny_space, tiny_table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoadWarning)
+        lt.check_table(table, tiny_space, tiny_table)
     for latency, message in (
         ({"device": "cuda"}, "device=cpu"),
         ({"dtype": "fp16"}, "dtype=fp32"),
