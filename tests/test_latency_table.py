@@ -358,3 +358,16 @@ def test_search_with_table_source_and_card(search_cache, space_file, tiny_table,
     )
     assert code == 2 and "dtype=fp32" in capsys.readouterr().err
     assert not (tmp_path / "r2" / "w" / "study.db").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "decidiffusion_small"])
+def test_committed_tables_cover_their_spaces(name, repo_root):
+    """results/latency_model/table_*.json load, cover their space and match its latency setup (a
+    space edit that adds a block makes this fail: rebuild the table)."""
+    path = repo_root / "results" / "latency_model" / f"table_{name}.json"
+    table = lt.load_table(path)
+    space = load_space(SPACES / f"{name}.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoadWarning)  # measured on a loaded machine (its README says so)
+        lt.check_table(table, space, path)
+    assert len(table.fit.points) == 6 and table.device.threads >= 1
