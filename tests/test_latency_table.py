@@ -371,3 +371,13 @@ def test_committed_tables_cover_their_spaces(name, repo_root):
         warnings.simplefilter("ignore", LoadWarning)  # measured on a loaded machine (its README says so)
         lt.check_table(table, space, path)
     assert len(table.fit.points) == 6 and table.device.threads >= 1
+
+
+def test_inspect_prints_the_prediction(tiny_table, capsys):
+    from nas.cli import main
+
+    arch = SPACES / "archs" / "tiny_stock.yaml"
+    assert main(["inspect", str(arch), "--latency-table", str(tiny_table)]) == 0
+    assert "predicted       p50" in capsys.readouterr().out
+    assert main(["inspect", str(arch), "--latency-table", str(tiny_table), "--batch", "2"]) == 2
+    assert "differs from" in capsys.readouterr().err
