@@ -18,6 +18,10 @@ from nas.settings import add_actions, add_arguments, execute, from_namespace
 # name -> (module, one-line help). One explicit table; unknown names are argparse errors.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("nas.commands.inspect", "parameters, MACs (attention included), latency of an arch or space"),
+    "latency-table": (
+        "nas.commands.latency_table",
+        "time a space's blocks on a device into a latency lookup table",
+    ),
     "search": ("nas.commands.search", "search a space with Optuna or Ray Tune (proxy training + latency)"),
     "export": ("nas.commands.export", "export an architecture from a study (YAML, diffusers config, card)"),
     "report": ("nas.commands.report", "plots and a summary table of a study"),

@@ -19,13 +19,20 @@ class Settings(CommandSettings):
     latency: bool = arg(False, "also measure forward latency (builds real weights)")
     device: str = arg("cpu", "torch device for latency (cpu, cuda, cuda:1, mps)")
     # the same bounds as a space file's `latency:` section (nas/limits.py)
-    batch: int = arg(1, "latents per forward", ge=1, le=L.MAX_LATENCY_BATCH)
+    batch: int | None = arg(
+        None, "latents per forward (default 1, or the table's)", ge=1, le=L.MAX_LATENCY_BATCH
+    )
     tokens: int | None = arg(None, "text tokens (default: the file's text_len)", ge=1, le=L.MAX_TEXT_LEN)
-    dtype: Literal["fp32", "fp16", "bf16"] = arg("fp32", "weights and activations type for latency")
+    dtype: Literal["fp32", "fp16", "bf16"] | None = arg(
+        None, "weights and activations type (default fp32, or the table's)"
+    )
     warmup: int = arg(3, "untimed forwards before timing", ge=0, le=L.MAX_LATENCY_WARMUP)
     iters: int = arg(10, "timed forwards", ge=1, le=L.MAX_LATENCY_ITERS)
     channels_last: bool = arg(False, "channels_last memory format")
     compile: bool = arg(False, "torch.compile the model before timing")
+    latency_table: str | None = arg(
+        None, "also print the latency predicted from this `nas latency-table` file", input="file"
+    )
 
 
 SETTINGS = Settings
@@ -46,11 +53,33 @@ def _check_device(device: str) -> None:
             raise NasError(f"--device {device}: CUDA is not available on this machine (allowed: cpu)")
 
 
+def _table_setup(args):
+    """Load --latency-table; --batch and --dtype default to the table's and must match it."""
+    if args.latency_table is None:
+        args.batch, args.dtype = args.batch or 1, args.dtype or "fp32"
+        return None
+    from nas.latency_table import load_table
+
+    table = load_table(args.latency_table)
+    args.batch, args.dtype = args.batch or table.setup.batch, args.dtype or table.setup.dtype
+    for name, want in (("batch", table.setup.batch), ("dtype", table.setup.dtype)):
+        if getattr(args, name) != want:
+            raise NasError(
+                f"--{name} {getattr(args, name)} differs from {args.latency_table}'s {name} {want}"
+            )
+    if args.latency and args.device.split(":")[0] != table.device.device:
+        raise NasError(
+            f"--device {args.device} differs from {args.latency_table}'s device {table.device.device}"
+        )
+    return table
+
+
 def inspect_arch(args, data_path: Path) -> dict:
     from nas.cost import arch_cost, measure_latency
     from nas.space import build_unet, load_arch
 
     arch = load_arch(data_path)
+    table = _table_setup(args)
     report = {"file": str(data_path), "name": arch.name, **arch_cost(arch, args.batch, args.tokens)}
     if args.latency:
         lat = measure_latency(
@@ -66,6 +95,12 @@ def inspect_arch(args, data_path: Path) -> dict:
             compile=args.compile,
         )
         report.update(lat.as_dict())
+    if table is not None:
+        from nas.latency_table import predict
+
+        predicted = predict(table, arch)
+        report["predicted_latency_ms_p50"] = predicted["latency_ms_p50"]
+        report["latency_table_device"] = table.device.name
     report["levels"] = [lv.model_dump(exclude_none=True) for lv in arch.levels]
     report["mid"] = arch.mid.model_dump() if arch.mid else None
     return report
@@ -78,7 +113,8 @@ def inspect_space(args, path: Path) -> dict:
     space = load_space(path)
     rows: list[dict[str, Any]] = []
     for depth, small, large in extreme_archs(space):
-        lo, hi = arch_cost(small, args.batch, args.tokens), arch_cost(large, args.batch, args.tokens)
+        batch = args.batch or 1
+        lo, hi = arch_cost(small, batch, args.tokens), arch_cost(large, batch, args.tokens)
         rows.append(
             {
                 "depth": depth,
@@ -154,6 +190,16 @@ def run(args: Settings) -> int:
             f"({r['device']}, {r['dtype']}, {r['iters']} iters)"
         )
         print(f"  peak memory     {r['peak_memory_mb']:.0f} MB")
+    if "predicted_latency_ms_p50" in r:
+        measured = r.get("latency_ms_p50")
+        versus = (
+            f", measured {measured:.2f} ms ({100 * (r['predicted_latency_ms_p50'] / measured - 1):+.1f}%)"
+            if measured
+            else ""
+        )
+        print(
+            f"  predicted       p50 {r['predicted_latency_ms_p50']:.2f} ms (table on {r['latency_table_device']}){versus}"
+        )
     print(f"  {'level':>5}  {'channels':>8}  {'resnets':>7}  {'attn':>4}  {'up attn':>7}")
     for i, lv in enumerate(r["levels"]):
         print(

@@ -133,6 +133,13 @@ def pick_trial(study: optuna.Study, how: str = "best") -> FrozenTrial:
     return min(ok, key=lambda t: t.user_attrs["proxy_loss"])
 
 
+def _latency_source(card: dict[str, Any]) -> str:
+    device = card["latency_device"] or "unknown device"
+    if card["latency_source"] == "table":
+        return f"predicted from latency table `{Path(card['latency_table'] or '').name}` measured on {device}"
+    return f"measured whole on {device}"
+
+
 def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: str) -> dict[str, Any]:
     """Write OUT/arch.yaml, OUT/config.json (diffusers U-Net config) and OUT/card.{json,md}."""
     out = Path(out)
@@ -157,6 +164,10 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "attention_macs": a.get("attention_macs"),
         "latency_ms_p50": a.get("latency_ms_p50"),
         "latency_ms_p90": a.get("latency_ms_p90"),
+        # "measure": timed whole on the trial's machine; "table": predicted from a per-device table
+        "latency_source": a.get("latency_source", "measure"),
+        "latency_device": a.get("latency_device"),
+        "latency_table": a.get("latency_table"),
         "proxy_loss": a.get("proxy_loss"),
         "objectives": dict(zip(study.user_attrs.get("objectives", []), trial.values or [])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -177,6 +188,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         f"| MACs per forward{per_batch} (attention included) | {card['macs']:,} |",
         f"| attention MACs | {card['attention_macs']:,} |",
         f"| latency p50 / p90 | {card['latency_ms_p50']:.2f} / {card['latency_ms_p90']:.2f} ms |",
+        f"| latency source | {_latency_source(card)} |",
         f"| proxy validation loss | {card['proxy_loss']:.5f} |",
         "",
         "Load: `from diffusers import UNet2DConditionModel` (or `from nas.models import "

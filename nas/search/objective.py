@@ -55,13 +55,20 @@ def proxy_config(space: Space, space_path: str | Path | None = None):
 
 
 def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
-    """Parameters and MACs (meta device), then latency and peak memory as the space says."""
+    """Parameters and MACs (meta device), then latency (and peak memory) as the space says:
+    measured whole on `latency.device`, or predicted from `latency.table` (`prepare_latency`)."""
     from nas.cost import arch_cost, measure_latency
     from nas.space import build_unet
 
     cost = arch_cost(arch, batch=space.latency.batch)
     out = {k: cost[k] for k in ("params", "macs", "attention_macs", "model_class")}
     lat = space.latency
+    out["batch"] = lat.batch  # MACs and latency are per U-Net call on this many latents
+    if lat.source == "table":  # predicted: no forward pass, deterministic, immune to load
+        from nas.latency_table import table_cost
+
+        out.update(table_cost(space, arch))
+        return out
     measured = measure_latency(
         build_unet(arch),
         arch,
@@ -74,8 +81,17 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
     out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
     out["peak_memory_mb"] = measured.peak_memory_mb
     out["other_cores_busy"] = measured.other_cores_busy  # > 0.5: the latency likely reads high
-    out["batch"] = lat.batch  # MACs and latency are per U-Net call on this many latents
+    out["latency_source"] = "measure"
+    out["latency_device"] = _device_name(lat.device)
     return out
+
+
+def _device_name(device: str) -> str:
+    """GPU name or CPU model the latency was measured on (card, trial attributes)."""
+    from nas.runfolder import environment
+
+    env = environment(device=device)
+    return env.get("device_name") or env["cpu"]
 
 
 def over_budget(space: Space, metrics: dict[str, Any]) -> str | None:

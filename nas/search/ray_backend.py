@@ -265,6 +265,9 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
     cache_path = str(Path(settings.cache).resolve())
     _check_cache(space, open_cache(cache_path), settings.cache)
     train_config = proxy_config(space, settings.space)
+    from nas.latency_table import prepare_latency
+
+    space = prepare_latency(space, settings.space)  # source: table: load and check it first
     check_feasible_space(space)
     path = (settings.folder / "ray").resolve()  # the Tune experiment: path / study name
     owner = {

@@ -379,6 +379,9 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
     cache = open_cache(settings.cache)
     _check_cache(space, cache, settings.cache)
     train_config = proxy_config(space, settings.space)
+    from nas.latency_table import prepare_latency
+
+    space = prepare_latency(space, settings.space)  # source: table: load and check it first
     check_feasible_space(space)
     settings.folder.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, space)

@@ -143,7 +143,14 @@ class Budgets(Strict):
 
 
 class LatencySetup(Strict):
-    """How the search measures latency (batch 1 at the space's latent size unless set)."""
+    """How the search gets latency (batch 1 at the space's latent size unless set): measured whole
+    per trial on the machine it runs on (`source: measure`), or predicted from a per-device lookup
+    table made by `nas latency-table` (`source: table`: no forward pass, immune to load)."""
+
+    source: Literal["measure", "table"] = "measure"
+    table: str | None = None  # table JSON for source: table (relative to the space file)
+    # for source: table, a part of the GPU name / CPU model the table must be measured on, e.g. A10G
+    device_name: str | None = None
 
     device: str = "cpu"  # torch device string: cpu, cuda, cuda:1, mps
     # latents per forward (classifier-free guidance doubles it in practice)
@@ -152,6 +159,14 @@ class LatencySetup(Strict):
     # untimed forwards first (allocator, caches, compile)
     warmup: int = Field(3, ge=0, le=L.MAX_LATENCY_WARMUP)
     iters: int = Field(10, ge=1, le=L.MAX_LATENCY_ITERS)  # timed forwards; median and p90 reported
+
+    @model_validator(mode="after")
+    def _table_given(self) -> LatencySetup:
+        if self.source == "table" and not self.table:
+            raise ValueError("source: table needs table: PATH (a `nas latency-table` file)")
+        if self.source == "measure" and (self.table or self.device_name):
+            raise ValueError("table and device_name apply only to source: table")
+        return self
 
 
 class ZeroCost(Strict):

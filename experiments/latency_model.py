@@ -1,0 +1,217 @@
+"""Latency model validation: how well a per-device lookup table (nas latency-table) predicts
+whole-network latency, against MACs and parameter counts as baselines.
+
+Per space: build the table on the device (blocks + the correction fitted on its few networks),
+draw N random architectures (distinct, none of the fit networks), measure each whole as the search's
+`source: measure` does (nas.cost.measure_latency; 5 interleaved passes over all networks,
+median kept), and compare. Figures: Spearman rho, mean absolute percentage error (MAPE), share of
+networks within +-10%. MACs and params are ranked the same way, and, to compare errors on equal
+terms, turned into milliseconds by a line fitted on the table's own fit networks. Every measurement
+records `other_cores_busy` (CPU cores other processes used meanwhile).
+
+    OMP_NUM_THREADS=2 python experiments/latency_model.py --out results/latency_model
+    python experiments/latency_model.py --from-json results/latency_model   # README and plot again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from nas.cost import LoadWarning, arch_cost, measure_latency
+from nas.latency_build import build_table, fit_archs
+from nas.latency_table import TableSetup, predict
+from nas.runfolder import environment, write_json, write_text
+from nas.space import RandomChoices, build_unet, canonical, load_space, sample_arch
+
+SPACES = ["search_spaces/quickstart.yaml", "search_spaces/decidiffusion_small.yaml"]
+
+
+def figures(predicted: list[float], measured: list[float]) -> dict[str, float]:
+    errors = [100 * (p - m) / m for p, m in zip(predicted, measured)]
+    return {
+        "spearman": float(spearmanr(predicted, measured).statistic),
+        "mape_pct": statistics.fmean(abs(e) for e in errors),
+        "within_10pct": sum(abs(e) <= 10 for e in errors) / len(errors),
+        "max_abs_error_pct": max(abs(e) for e in errors),
+    }
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def draw(space, count: int, exclude: set[str], seed: int):
+    chooser, archs, seen = RandomChoices(seed), [], set(exclude)
+    for i in range(100 * count):
+        arch = sample_arch(space, chooser, name=f"{space.name}-v{i}")
+        key = json.dumps(canonical(arch), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            archs.append(arch)
+        if len(archs) == count:
+            break
+    return archs
+
+
+def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: int = 7, passes: int = 5,
+                   iters: int = 5, fit: int = 6, seed: int = 100) -> dict:  # fmt: skip
+    space = load_space(space_path)
+    lat = space.latency
+    setup = TableSetup(dtype=lat.dtype, batch=lat.batch, warmup=3, rounds=rounds)
+    table_path = out / f"table_{space.name}.json"
+    partial = table_path.with_name(table_path.name + ".partial")
+    partial.unlink(missing_ok=True)  # a fresh build: its time is one of the figures
+    table = build_table(space, table_path, device, setup, fit_count=fit, fit_iters=10)
+    fitted = fit_archs(space, fit)
+    archs = draw(space, count, {json.dumps(canonical(a), sort_keys=True) for a in fitted}, seed)
+    models = {a.name: build_unet(a) for a in archs}
+    runs: dict[str, list[dict]] = {a.name: [] for a in archs}
+    started = time.perf_counter()
+    for p in range(passes):  # interleaved: load that comes and goes hits every network alike
+        for a in archs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LoadWarning)  # recorded per measurement instead
+                m = measure_latency(models[a.name], a, device=device, batch=lat.batch, dtype=lat.dtype,
+                                    warmup=lat.warmup, iters=iters)  # fmt: skip
+            runs[a.name].append({"ms": m.latency_ms_p50, "other_cores_busy": m.other_cores_busy})
+        print(f"  {space.name}: pass {p + 1}/{passes} over {len(archs)} networks")
+    whole_seconds = time.perf_counter() - started
+    rows = []
+    for a in archs:
+        cost = arch_cost(a, batch=lat.batch)
+        rows.append({
+            "arch": a.name, "measured_ms": statistics.median(r["ms"] for r in runs[a.name]),
+            "passes_ms": [r["ms"] for r in runs[a.name]],
+            "other_cores_busy": max(r["other_cores_busy"] for r in runs[a.name]),
+            "predicted_ms": predict(table, a)["latency_ms_p50"], "macs": cost["macs"], "params": cost["params"],
+        })  # fmt: skip
+    measured = [r["measured_ms"] for r in rows]
+    fit_cost = {p.arch: arch_cost(a, batch=lat.batch) for p, a in zip(table.fit.points, fitted)}
+    fit_ms = [p.measured_ms for p in table.fit.points]
+    result = {
+        "space": space.name,
+        "count": len(rows),
+        "predictor": figures([r["predicted_ms"] for r in rows], measured),
+        # against each network's fastest pass, the least touched by other processes (a loaded machine)
+        "predictor_vs_fastest_pass": figures(
+            [r["predicted_ms"] for r in rows], [min(r["passes_ms"]) for r in rows]
+        ),
+    }
+    for key in ("macs", "params"):  # the same calibration budget: a line on the table's fit networks
+        slope, intercept = _line([fit_cost[p.arch][key] for p in table.fit.points], fit_ms)
+        result[key] = figures([slope * r[key] + intercept for r in rows], measured)
+    result.update(
+        table_build_seconds=table.build_seconds,
+        table_blocks=len(table.blocks),
+        table_fit_networks=len(table.fit.points),
+        table_other_cores_busy=table.other_cores_busy,
+        whole_seconds_per_network=whole_seconds / len(rows) / passes,
+        whole_seconds_30=30 * whole_seconds / len(rows) / passes,
+        max_other_cores_busy=max(r["other_cores_busy"] for r in rows),
+        median_other_cores_busy=statistics.median(r["other_cores_busy"] for r in rows),
+        fit=table.fit.model_dump(exclude={"points"}),
+        rows=rows,
+    )
+    return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6))
+    for ax, r in zip(axes if len(results) > 1 else [axes], results):
+        xs, ys = [row["measured_ms"] for row in r["rows"]], [row["predicted_ms"] for row in r["rows"]]
+        lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.1
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="+-10%")
+        ax.scatter(xs, ys, s=14)
+        p = r["predictor"]
+        ax.set_title(f"{r['space']}: rho {p['spearman']:.3f}, MAPE {p['mape_pct']:.1f}%")
+        ax.set_xlabel("measured whole (ms)")
+        ax.set_ylabel("predicted from table (ms)")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def readme(summary: dict) -> str:
+    env = summary["environment"]
+    lines = [
+        "# Latency model: lookup table vs whole-network measurement",
+        "",
+        f"Made by `experiments/latency_model.py` on {env['cpu']} ({env['cpu_cores']} cores), torch"
+        f" {env['torch']}, {summary['threads']} threads, device `{summary['device']}`, {summary['date']}."
+        " Per space: the table is built (every block timed, correction fitted on its fit networks), then"
+        f" {summary['results'][0]['count']} random other networks are measured whole"
+        " (nas.cost.measure_latency, 5 interleaved passes, median) and predicted from the table.",
+        "MACs and params are made into milliseconds by a line through the same fit networks.",
+        "",
+        "| space | figure | Spearman rho | MAPE | within +-10% | max abs error |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in summary["results"]:
+        for key, label in (
+            ("predictor", "**table**"),
+            ("predictor_vs_fastest_pass", "table vs fastest pass"),
+            ("macs", "MACs (linear)"),
+            ("params", "params (linear)"),
+        ):
+            f = r[key]
+            lines.append(
+                f"| {r['space']} | {label} | {f['spearman']:.3f} | {f['mape_pct']:.1f}% |"
+                f" {100 * f['within_10pct']:.0f}% | {f['max_abs_error_pct']:.0f}% |"
+            )
+    lines += ["", "| space | blocks | table build (incl. fit networks) | 30 networks measured whole (1 pass) |"
+              " other cores busy (table / whole, median / max) |", "|---|---:|---:|---:|---|"]  # fmt: skip
+    for r in summary["results"]:
+        lines.append(
+            f"| {r['space']} | {r['table_blocks']} | {r['table_build_seconds']:.0f} s | {r['whole_seconds_30']:.0f} s |"
+            f" {r['table_other_cores_busy']:.1f} / {r['median_other_cores_busy']:.1f}, {r['max_other_cores_busy']:.1f} |"
+        )
+    lines += ["", "![predicted vs measured](predicted_vs_measured.png)", "", summary.get("note", "")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/latency_model"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--count", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--spaces", nargs="+", default=SPACES)
+    ap.add_argument("--note", default="", help="free text appended to the README (machine load, caveats)")
+    ap.add_argument("--from-json", type=Path, default=None, help="redo README and plot from validation.json")
+    args = ap.parse_args()
+    if args.from_json:
+        summary = json.loads((args.from_json / "validation.json").read_text())
+        summary["note"] = args.note or summary.get("note", "")
+        out = args.from_json
+    else:
+        torch.set_num_threads(args.threads)  # the same for block timing and whole networks
+        out = args.out
+        results = [validate_space(s, args.device, out, args.count, args.rounds) for s in args.spaces]
+        summary = {"device": args.device, "threads": torch.get_num_threads(), "environment": environment(),
+                   "date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note, "results": results}  # fmt: skip
+    write_json(out / "validation.json", summary)
+    plot(summary["results"], out / "predicted_vs_measured.png")
+    write_text(out / "README.md", readme(summary))
+    for r in summary["results"]:
+        print(r["space"], {k: r[k] for k in ("predictor", "macs", "params")})
+
+
+if __name__ == "__main__":
+    main()
