@@ -295,7 +295,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
         main(["latency-table", str(SPACES / "tiny.yaml"), "--out", str(tmp_path / "t.json"), "--rounds", "0"])
         == 2
     )
-    assert "--rounds must be in 1.." in capsys.readouterr().err
+    assert "--rounds: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert (
         main(["inspect", str(SPACES / "archs/tiny_stock.yaml"), "--latency-table", str(tmp_path / "no.json")])
         == 2
