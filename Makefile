@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default (no multi-GB CUDA download). With a GPU: make setup TORCH="torch --index-url ..."
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-loaded test-slow test-gpu test-postgres lint clean
+.PHONY: setup demo test test-loaded test-slow test-gpu test-postgres test-ray-cluster lint clean
 
 $(BIN)/nas: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ test-slow: setup
 # The PostgreSQL tests alone, required to run (a throwaway server from Debian's postgresql package).
 test-postgres: setup
 	NAS_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/test_scaleout_postgres.py
+
+# A real multi-node Ray cluster on this machine (head, worker, a CPU-less A10G-typed latency node):
+# placement, a killed worker node, a killed driver resumed. About 5-9 min on 2 cores; CI runs it.
+test-ray-cluster: setup
+	$(BIN)/pytest -q -m slow tests/test_ray_cluster.py
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu
