@@ -217,6 +217,11 @@ BAD_SPACE = [
 
 @pytest.mark.parametrize(("case", "overrides", "needles"), BAD_SPACE, ids=[c[0] for c in BAD_SPACE])
 def test_bad_space_files(write_yaml, case, overrides, needles):
+    assert_space_refused(write_yaml, overrides, needles)
+
+
+def assert_space_refused(write_yaml, overrides: dict, needles: list[str]) -> None:
+    """The space file with these changes is refused in one line naming the file and `needles`."""
     path = write_yaml(_space_text(**overrides))
     with pytest.raises(NasError) as info:
         load_space(path)
