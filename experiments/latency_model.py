@@ -11,6 +11,14 @@ records `other_cores_busy` (CPU cores other processes used meanwhile).
 
     OMP_NUM_THREADS=2 python experiments/latency_model.py --out results/latency_model
     python experiments/latency_model.py --from-json results/latency_model   # README and plot again
+    python experiments/latency_model.py --refit results/latency_model       # new correction, no timing
+
+--refit fits each stored table's correction again on its stored fit networks, rebuilds the
+validation networks from the spaces (same seeds; their names are checked) and predicts them again:
+the stored whole-network measurements are reused. Besides the table's own correction every run
+scores the least-squares line (`line`, the model before `ratio`) on the same data, and how well
+the measurement repeats itself: each single pass against the median of the other passes, the
+figure no predictor can be expected to beat against that reference.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from scipy.stats import spearmanr
 
 from nas.cost import LoadWarning, arch_cost, measure_latency
 from nas.latency_build import build_table, fit_archs
-from nas.latency_table import TableSetup, predict
+from nas.latency_table import TableSetup, blocks_ms, fit_correction, load_table, predict, refit, write_table
 from nas.runfolder import environment, write_json, write_text
 from nas.space import RandomChoices, build_unet, canonical, load_space, sample_arch
 
@@ -42,6 +50,41 @@ def figures(predicted: list[float], measured: list[float]) -> dict[str, float]:
         "within_10pct": sum(abs(e) <= 10 for e in errors) / len(errors),
         "max_abs_error_pct": max(abs(e) for e in errors),
     }
+
+
+def per_pass(predicted: list[float] | None, passes: list[list[float]]) -> dict[str, float]:
+    """Figures against each single pass, averaged over passes; `predicted` None: the median of the
+    other passes of the same network predicts it (the measurement's own repeatability)."""
+    n = len(passes[0])
+    runs = []
+    for i in range(n):
+        one = [p[i] for p in passes]
+        pred = predicted or [statistics.median(p[:i] + p[i + 1 :]) for p in passes]
+        runs.append(figures(pred, one))
+    return {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
+
+
+def score(result: dict, table, archs) -> None:
+    """Predict the rows of `result` (measured already) from `table`, with its correction and with
+    the least-squares line on the same fit networks, and fill in every figure."""
+    rows = result["rows"]
+    line = fit_correction(table.fit.points, "line")
+    for a, r in zip(archs, rows, strict=True):
+        r["blocks_ms"] = blocks_ms(table, a)
+        r["predicted_ms"] = predict(table, a)["latency_ms_p50"]
+        r["predicted_line_ms"] = line.slope * r["blocks_ms"] + line.intercept_ms
+    measured, passes = [r["measured_ms"] for r in rows], [r["passes_ms"] for r in rows]
+    result.update(
+        correction=table.fit.model,
+        predictor=figures([r["predicted_ms"] for r in rows], measured),
+        predictor_line=figures([r["predicted_line_ms"] for r in rows], measured),
+        # against each network's fastest pass, the least touched by other processes (a loaded machine)
+        predictor_vs_fastest_pass=figures([r["predicted_ms"] for r in rows], [min(p) for p in passes]),
+        predictor_vs_one_pass=per_pass([r["predicted_ms"] for r in rows], passes),
+        repeat_vs_one_pass=per_pass(None, passes),
+        fit=table.fit.model_dump(exclude={"points"}),
+        fit_line=line.model_dump(exclude={"points"}),
+    )
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -63,8 +106,11 @@ def draw(space, count: int, exclude: set[str], seed: int):
     return archs
 
 
+SEED = 100  # of the validation networks (a --refit draws them again)
+
+
 def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: int = 7, passes: int = 5,
-                   iters: int = 5, fit: int = 6, seed: int = 100) -> dict:  # fmt: skip
+                   iters: int = 5, fit: int = 6, seed: int = SEED) -> dict:  # fmt: skip
     space = load_space(space_path)
     lat = space.latency
     setup = TableSetup(dtype=lat.dtype, batch=lat.batch, warmup=3, rounds=rounds)
@@ -93,20 +139,13 @@ def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: 
             "arch": a.name, "measured_ms": statistics.median(r["ms"] for r in runs[a.name]),
             "passes_ms": [r["ms"] for r in runs[a.name]],
             "other_cores_busy": max(r["other_cores_busy"] for r in runs[a.name]),
-            "predicted_ms": predict(table, a)["latency_ms_p50"], "macs": cost["macs"], "params": cost["params"],
+            "macs": cost["macs"], "params": cost["params"],
         })  # fmt: skip
     measured = [r["measured_ms"] for r in rows]
     fit_cost = {p.arch: arch_cost(a, batch=lat.batch) for p, a in zip(table.fit.points, fitted)}
     fit_ms = [p.measured_ms for p in table.fit.points]
-    result = {
-        "space": space.name,
-        "count": len(rows),
-        "predictor": figures([r["predicted_ms"] for r in rows], measured),
-        # against each network's fastest pass, the least touched by other processes (a loaded machine)
-        "predictor_vs_fastest_pass": figures(
-            [r["predicted_ms"] for r in rows], [min(r["passes_ms"]) for r in rows]
-        ),
-    }
+    result: dict = {"space": space.name, "count": len(rows), "rows": rows}
+    score(result, table, archs)
     for key in ("macs", "params"):  # the same calibration budget: a line on the table's fit networks
         slope, intercept = _line([fit_cost[p.arch][key] for p in table.fit.points], fit_ms)
         result[key] = figures([slope * r[key] + intercept for r in rows], measured)
@@ -119,10 +158,28 @@ def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: 
         whole_seconds_30=30 * whole_seconds / len(rows) / passes,
         max_other_cores_busy=max(r["other_cores_busy"] for r in rows),
         median_other_cores_busy=statistics.median(r["other_cores_busy"] for r in rows),
-        fit=table.fit.model_dump(exclude={"points"}),
-        rows=rows,
     )
+    result["rows"] = result.pop("rows")  # last in the file: the figures read first
     return result
+
+
+def refit_space(result: dict, space_paths: list[str], out: Path) -> None:
+    """Fit the stored table's correction again, predict the stored rows again (no timing)."""
+    spaces = {s.name: s for s in map(load_space, space_paths)}
+    space = spaces.get(result["space"])
+    if space is None:
+        raise SystemExit(f"--refit: space {result['space']} is not among --spaces {' '.join(space_paths)}")
+    path = out / f"table_{space.name}.json"
+    table = refit(load_table(path))
+    write_table(path, table)
+    fitted = fit_archs(space, len(table.fit.points))
+    if [a.name for a in fitted] != [p.arch for p in table.fit.points]:
+        raise SystemExit(f"{path}: fit networks are not those fit_archs draws again; measure anew")
+    archs = draw(space, result["count"], {json.dumps(canonical(a), sort_keys=True) for a in fitted}, SEED)
+    if [a.name for a in archs] != [r["arch"] for r in result["rows"]]:
+        raise SystemExit(f"{space.name}: validation networks drawn again differ from the stored rows")
+    score(result, table, archs)
+    result["rows"] = result.pop("rows")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -134,12 +191,15 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6))
     for ax, r in zip(axes if len(results) > 1 else [axes], results):
         xs, ys = [row["measured_ms"] for row in r["rows"]], [row["predicted_ms"] for row in r["rows"]]
-        lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.1
+        old = [row.get("predicted_line_ms", row["predicted_ms"]) for row in r["rows"]]
+        lo, hi = min(xs + ys + old) * 0.9, max(xs + ys + old) * 1.1
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.9", label="+-10%")
-        ax.scatter(xs, ys, s=14)
+        if r.get("correction", "line") != "line":
+            ax.scatter(xs, old, s=14, facecolors="none", edgecolors="0.5", label="line (before)")
+        ax.scatter(xs, ys, s=14, label=r.get("correction", "line"))
         p = r["predictor"]
-        ax.set_title(f"{r['space']}: rho {p['spearman']:.3f}, MAPE {p['mape_pct']:.1f}%")
+        ax.set_title(f"{r['space']}: rho {p['spearman']:.3f}, MAPE {p['mape_pct']:.1f}%", fontsize=10)
         ax.set_xlabel("measured whole (ms)")
         ax.set_ylabel("predicted from table (ms)")
         ax.legend(loc="upper left")
@@ -157,18 +217,27 @@ def readme(summary: dict) -> str:
         " Per space: the table is built (every block timed, correction fitted on its fit networks), then"
         f" {summary['results'][0]['count']} random other networks are measured whole"
         " (nas.cost.measure_latency, 5 interleaved passes, median) and predicted from the table.",
-        "MACs and params are made into milliseconds by a line through the same fit networks.",
+        "MACs and params are made into milliseconds by a line through the same fit networks."
+        " `ratio`: prediction = median over the fit networks of (measured / blocks) x blocks;"
+        " `line`: least-squares slope and intercept through the same fit networks (the model before)."
+        " The `vs one pass` rows score against each single pass (mean over passes); `repeat` is the"
+        " median of a network's other passes predicting that pass, the measurement's own repeatability.",
         "",
         "| space | figure | Spearman rho | MAPE | within +-10% | max abs error |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in summary["results"]:
         for key, label in (
-            ("predictor", "**table**"),
+            ("predictor", f"**table ({r.get('correction', 'line')})**"),
+            ("predictor_line", "table (line)"),
             ("predictor_vs_fastest_pass", "table vs fastest pass"),
+            ("predictor_vs_one_pass", "table vs one pass"),
+            ("repeat_vs_one_pass", "repeat: other passes vs one pass"),
             ("macs", "MACs (linear)"),
             ("params", "params (linear)"),
         ):
+            if key not in r or (key == "predictor_line" and r.get("correction", "line") == "line"):
+                continue
             f = r[key]
             lines.append(
                 f"| {r['space']} | {label} | {f['spearman']:.3f} | {f['mape_pct']:.1f}% |"
@@ -181,6 +250,20 @@ def readme(summary: dict) -> str:
             f"| {r['space']} | {r['table_blocks']} | {r['table_build_seconds']:.0f} s | {r['whole_seconds_30']:.0f} s |"
             f" {r['table_other_cores_busy']:.1f} / {r['median_other_cores_busy']:.1f}, {r['max_other_cores_busy']:.1f} |"
         )
+    lines += [
+        "",
+        "| space | correction | fit networks | mean abs error on them | on each left out |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in summary["results"]:
+        for fit in (r["fit"], r.get("fit_line")):
+            if fit is not None and not (fit is not r["fit"] and fit.get("model") == r["fit"].get("model")):
+                loo = fit.get("loo_abs_error_pct")
+                lines.append(
+                    f"| {r['space']} | {fit.get('model', 'line')} ({fit['slope']:.3f} x blocks +"
+                    f" {fit['intercept_ms']:.2f} ms) | {r['table_fit_networks']} | {fit['mean_abs_error_pct']:.1f}% |"
+                    f" {'-' if loo is None else f'{loo:.1f}%'} |"
+                )
     lines += ["", "![predicted vs measured](predicted_vs_measured.png)", "", summary.get("note", "")]
     return "\n".join(lines) + "\n"
 
@@ -195,8 +278,17 @@ def main() -> None:
     ap.add_argument("--spaces", nargs="+", default=SPACES)
     ap.add_argument("--note", default="", help="free text appended to the README (machine load, caveats)")
     ap.add_argument("--from-json", type=Path, default=None, help="redo README and plot from validation.json")
+    ap.add_argument(
+        "--refit", type=Path, default=None, help="refit the tables in DIR, predict again, no timing"
+    )
     args = ap.parse_args()
-    if args.from_json:
+    if args.refit:
+        summary = json.loads((args.refit / "validation.json").read_text())
+        for r in summary["results"]:
+            refit_space(r, args.spaces, args.refit)
+        summary["note"] = args.note or summary.get("note", "")
+        out = args.refit
+    elif args.from_json:
         summary = json.loads((args.from_json / "validation.json").read_text())
         summary["note"] = args.note or summary.get("note", "")
         out = args.from_json
@@ -210,7 +302,7 @@ def main() -> None:
     plot(summary["results"], out / "predicted_vs_measured.png")
     write_text(out / "README.md", readme(summary))
     for r in summary["results"]:
-        print(r["space"], {k: r[k] for k in ("predictor", "macs", "params")})
+        print(r["space"], {k: r.get(k) for k in ("predictor", "predictor_line", "repeat_vs_one_pass")})
 
 
 if __name__ == "__main__":

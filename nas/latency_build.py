@@ -14,6 +14,7 @@ from typing import Any
 from nas.latency_blocks import describe, space_blocks
 from nas.latency_table import (
     BUSY_CORES_WARN,
+    DEFAULT_CORRECTION,
     BlockTime,
     FitPoint,
     LatencyTable,
@@ -58,8 +59,11 @@ def build_table(
     fit_iters: int = 10,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    correction: str = DEFAULT_CORRECTION,
 ) -> LatencyTable:
-    """Measure the table of `space` on `device` and write it to `out` (atomically, once)."""
+    """Measure the table of `space` on `device` and write it to `out` (atomically, once);
+    `correction` is a key of nas.latency_table.CORRECTIONS."""
+    fit_correction([], correction)  # an unknown name fails before any timing
     started = time.perf_counter()
     blocks = sorted(space_blocks(space), key=lambda b: b.key)
     info = device_info(device)
@@ -136,7 +140,7 @@ def build_table(
                 other_cores_busy=max(m.other_cores_busy for m in measured),
             )
         )
-    fit = fit_correction(points)
+    fit = fit_correction(points, correction)
     table = table.model_copy(
         update={
             "fit": fit,

@@ -1,7 +1,7 @@
 """Per-device latency lookup tables: time every distinct block of a space once on a device, then
-predict an architecture's latency as the sum of its blocks plus a linear correction fitted on a few
-whole networks measured on the same device (the glue between blocks: Python dispatch, skip
-bookkeeping, cache misses between blocks). FBNet (Wu et al. 2019) and SnapFusion (Li et al. 2023)
+predict an architecture's latency as the sum of its blocks times a correction fitted on a few whole
+networks measured on the same device (what isolated timing misses: cache misses between blocks,
+Python dispatch, skip bookkeeping). FBNet (Wu et al. 2019) and SnapFusion (Li et al. 2023)
 sum per-block latencies measured once on the target; nn-Meter (Zhang et al. 2021) and HELP
 (Lee et al. 2021) show such predictors rank architectures per device far better than FLOPs do.
 
@@ -71,13 +71,17 @@ class FitPoint(Strict):
 
 
 class Fit(Strict):
-    """measured = slope x blocks_ms + intercept_ms (least squares over `points`)."""
+    """measured = slope x blocks_ms + intercept_ms, fitted on `points` as `model` says (CORRECTIONS)."""
 
+    model: Literal["ratio", "line"] = "line"  # tables made before `model` existed hold a line
     slope: float = 1.0
     intercept_ms: float = 0.0
     p90_ratio: float = 1.0  # median measured p90 / p50 of the points (predicted p90 = ratio x p50)
     points: list[FitPoint] = []
-    mean_abs_error_pct: float = 0.0
+    mean_abs_error_pct: float = 0.0  # on the points the fit was made on (optimistic)
+    # mean |error| of each point predicted by the fit made without it (None: under 3 points);
+    # the honest estimate of the correction's error on networks it never saw
+    loo_abs_error_pct: float | None = None
 
 
 class LatencyTable(Strict):
@@ -177,17 +181,44 @@ def predict(table: LatencyTable, arch: Arch) -> dict[str, float]:
     return {"latency_ms_p50": p50, "latency_ms_p90": p50 * table.fit.p90_ratio, "blocks_ms": raw}
 
 
-def fit_correction(points: list[FitPoint]) -> Fit:
-    """Least-squares line through (blocks_ms, measured_ms); slope 1 and no intercept for < 2 points
-    or points that all sum alike."""
+def _ratio(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """slope = median of measured / blocks over the points, no intercept."""
+    ratios = [y / x for x, y in zip(xs, ys) if x > 0]
+    return (statistics.median(ratios) if ratios else 1.0), 0.0
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line; slope 1 and no intercept for < 2 points or points that all sum alike."""
+    if len(xs) < 2:
+        return 1.0, 0.0
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 1.0, 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return slope, my - slope * mx
+
+
+# How the block sum becomes a network's latency, fitted on the table's few whole networks.
+# ratio (default): a network runs a constant factor slower than its blocks timed alone (alone, a
+# block reruns with its weights and input hot in cache); the median of measured / blocks ignores one
+# disturbed measurement of the K, which a least-squares line follows (results/latency_model/).
+# line: least-squares slope and intercept, the model of tables made before `model` existed.
+CORRECTIONS: dict[str, Callable[[list[float], list[float]], tuple[float, float]]] = {
+    "ratio": _ratio,
+    "line": _line,
+}
+DEFAULT_CORRECTION = "ratio"
+
+
+def fit_correction(points: list[FitPoint], model: str = DEFAULT_CORRECTION) -> Fit:
+    """Fit `model` (a key of CORRECTIONS) through (blocks_ms, measured_ms) of `points`, with each
+    point's error and the leave-one-out error."""
+    if model not in CORRECTIONS:
+        raise NasError(f"latency correction {model!r} unknown (allowed: {', '.join(CORRECTIONS)})")
+    fit = CORRECTIONS[model]
     xs, ys = [p.blocks_ms for p in points], [p.measured_ms for p in points]
-    slope, intercept = 1.0, 0.0
-    if len(points) >= 2:
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx > 0:
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-            intercept = my - slope * mx
+    slope, intercept = fit(xs, ys)
     fitted = []
     for p in points:
         pred = slope * p.blocks_ms + intercept
@@ -196,9 +227,29 @@ def fit_correction(points: list[FitPoint]) -> Fit:
                 update={"predicted_ms": pred, "error_pct": 100 * (pred - p.measured_ms) / p.measured_ms}
             )
         )
+    loo = None
+    if len(points) >= 3:
+        errors = []
+        for i, p in enumerate(points):
+            s, c = fit(xs[:i] + xs[i + 1 :], ys[:i] + ys[i + 1 :])
+            errors.append(abs(100 * (s * p.blocks_ms + c - p.measured_ms) / p.measured_ms))
+        loo = statistics.fmean(errors)
     ratio = statistics.median(p.measured_p90_ms / p.measured_ms for p in points) if points else 1.0
     mape = statistics.fmean(abs(p.error_pct) for p in fitted) if fitted else 0.0
-    return Fit(slope=slope, intercept_ms=intercept, p90_ratio=ratio, points=fitted, mean_abs_error_pct=mape)
+    return Fit(
+        model=model,  # type: ignore[arg-type]
+        slope=slope,
+        intercept_ms=intercept,
+        p90_ratio=ratio,
+        points=fitted,
+        mean_abs_error_pct=mape,
+        loo_abs_error_pct=loo,
+    )
+
+
+def refit(table: LatencyTable, model: str = DEFAULT_CORRECTION) -> LatencyTable:
+    """The table with its correction fitted again on its stored networks (no timing)."""
+    return table.model_copy(update={"fit": fit_correction(table.fit.points, model)})
 
 
 def measure_whole(arch: Arch, setup: TableSetup, device: str, iters: int) -> FitPoint:
@@ -346,6 +397,8 @@ def device_info(device: str) -> DeviceInfo:
 
 def summary(table: LatencyTable) -> str:
     kinds = describe(parse_key(k) for k in table.blocks)
+    loo = table.fit.loo_abs_error_pct
+    loo = "" if loo is None else f", {loo:.1f}% on each left out"
     return (
         f"{len(table.blocks)} blocks ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}) on"
         f" {table.device.name}, {table.setup.dtype}, batch {table.setup.batch}; correction"

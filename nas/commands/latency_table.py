@@ -26,6 +26,10 @@ class Settings(CommandSettings):
     fit: int = arg(6, "whole networks the correction is fitted on", ge=0, le=L.MAX_LATENCY_ITERS)
     fit_iters: int = arg(10, "timed forwards per whole network", ge=1, le=L.MAX_LATENCY_ITERS)
     seed: int = arg(0, "seed of the random fit networks", ge=0, le=L.MAX_SEED)
+    correction: Literal["ratio", "line"] = arg(
+        "ratio",
+        "how block sums map to whole networks: ratio (median measured/blocks) or line (least squares)",
+    )
 
 
 SETTINGS = Settings
@@ -54,6 +58,8 @@ def run(args: Settings) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
     )
-    table = build_table(space, Path(args.out), device, setup, args.fit, args.fit_iters, args.seed)
+    table = build_table(
+        space, Path(args.out), device, setup, args.fit, args.fit_iters, args.seed, correction=args.correction
+    )
     print(f"wrote {args.out}: {summary(table)}, built in {table.build_seconds:.0f} s")
     return 0
