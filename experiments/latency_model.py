@@ -64,6 +64,28 @@ def per_pass(predicted: list[float] | None, passes: list[list[float]]) -> dict[s
     return {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
 
 
+def ceiling(passes: list[list[float]], draws: int = 1000, seed: int = 0) -> dict[str, float]:
+    """What a perfect predictor would score against the median of the passes: each network's median
+    taken as its truth, passes drawn again around it from all networks' pass / median ratios (the
+    machine's noise), their median scored against the truth; mean and 5th-95th percentiles."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    p = np.asarray(passes)
+    truth = np.median(p, axis=1)
+    noise = (p / truth[:, None]).ravel()
+    rho, within = [], []
+    for _ in range(draws):
+        reference = np.median(truth[:, None] * rng.choice(noise, size=p.shape), axis=1)
+        rho.append(spearmanr(truth, reference).statistic)
+        within.append(np.mean(np.abs(truth / reference - 1) <= 0.1))
+    out = {}
+    for name, xs in (("spearman", rho), ("within_10pct", within)):
+        out.update({name: float(np.mean(xs)), f"{name}_p5": float(np.percentile(xs, 5)),
+                    f"{name}_p95": float(np.percentile(xs, 95))})  # fmt: skip
+    return out
+
+
 def score(result: dict, table, archs) -> None:
     """Predict the rows of `result` (measured already) from `table`, with its correction and with
     the least-squares line on the same fit networks, and fill in every figure."""
@@ -82,6 +104,7 @@ def score(result: dict, table, archs) -> None:
         predictor_vs_fastest_pass=figures([r["predicted_ms"] for r in rows], [min(p) for p in passes]),
         predictor_vs_one_pass=per_pass([r["predicted_ms"] for r in rows], passes),
         repeat_vs_one_pass=per_pass(None, passes),
+        perfect_predictor=ceiling(passes),
         fit=table.fit.model_dump(exclude={"points"}),
         fit_line=line.model_dump(exclude={"points"}),
     )
@@ -250,6 +273,16 @@ def readme(summary: dict) -> str:
             f"| {r['space']} | {r['table_blocks']} | {r['table_build_seconds']:.0f} s | {r['whole_seconds_30']:.0f} s |"
             f" {r['table_other_cores_busy']:.1f} / {r['median_other_cores_busy']:.1f}, {r['max_other_cores_busy']:.1f} |"
         )
+    lines += ["", "What a perfect predictor would score against the median of the passes (the measurement noise"
+              " drawn again from the passes' spread around their medians, 1,000 draws; mean [5th-95th percentile]):",
+              "", "| space | Spearman rho | within +-10% |", "|---|---|---|"]  # fmt: skip
+    for r in summary["results"]:
+        c = r.get("perfect_predictor")
+        if c:
+            lines.append(
+                f"| {r['space']} | {c['spearman']:.3f} [{c['spearman_p5']:.3f}-{c['spearman_p95']:.3f}] |"
+                f" {100 * c['within_10pct']:.0f}% [{100 * c['within_10pct_p5']:.0f}-{100 * c['within_10pct_p95']:.0f}%] |"
+            )
     lines += [
         "",
         "| space | correction | fit networks | mean abs error on them | on each left out |",

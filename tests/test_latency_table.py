@@ -169,7 +169,7 @@ def test_build_predict_and_resume(tiny_space, tmp_path, monkeypatch):
     measured = []
     whole = lb.measure_whole
     monkeypatch.setattr(lb, "measure_whole", lambda arch, *a: measured.append(arch.name) or whole(arch, *a))
-    table = lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append)
+    table = lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append, correction="line")
     assert len(measured) == 2  # networks 3 and 4 of the last pass only
     assert not lb.partial_path(out).exists()
     loaded = lt.load_table(out)
@@ -177,6 +177,7 @@ def test_build_predict_and_resume(tiny_space, tmp_path, monkeypatch):
     assert set(table.blocks) == {b.key for b in space_blocks(tiny_space)}
     assert all(len(t.rounds_ms) == 3 for t in table.blocks.values())
     assert table.device.device == "cpu" and table.device.threads >= 1 and table.device.torch
+    assert table.fit.model == "line"
     assert (table.fit.slope, table.fit.intercept_ms) == pytest.approx((3.0, 10.0))
     assert table.fit.p90_ratio == pytest.approx(1.5) and len(table.fit.points) == 4
     for arch in distinct_tiny_archs()[:5]:
@@ -189,7 +190,8 @@ def test_build_predict_and_resume(tiny_space, tmp_path, monkeypatch):
 def tiny_table(tiny_space, tmp_path, monkeypatch):
     _fake_clock(monkeypatch)
     out = tmp_path / "tables" / "tiny.json"
-    lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=2, log=lambda line: None)
+    # the fake whole networks are 10 ms + 3 ms per block: a line, which the line correction recovers
+    lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=2, log=lambda line: None, correction="line")
     return out
 
 
