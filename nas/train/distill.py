@@ -288,24 +288,28 @@ def prepare_teacher(
     config: DistillConfig,
     student,
     student_arch,
+    cache,
     *,
     resume: bool = False,
     quiet: bool = False,
     given=None,
-    check: Callable[[torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """The teacher module: `given` ((module, Arch), e.g. built in memory) or loaded from
-    `config.teacher`, passed to `check` (e.g. against the cache); with init: inherit, its weights
-    are then copied into `student` (not when resuming: the checkpoint brings the student's weights)."""
-    # The only two lines that need nas.models.teacher / nas.models.inherit: imported here, lazily,
-    # so that runs without `distill:` (and this module's import) never depend on them.
+    `config.teacher`, checked against the latent cache; with init: inherit, its weights are then
+    copied into `student` (not when resuming: the checkpoint brings the student's weights)."""
+    from nas.train.data import check_compatible
+
+    # The only lines that need nas.models.teacher / nas.models.inherit: imported here, lazily, so
+    # that runs without `distill:` (and importing this module) never depend on them.
     if given is None:
         from nas.models.teacher import load_teacher
 
         given = load_teacher(config.teacher, what="teacher")
     teacher, teacher_arch = given
-    if check is not None:
-        check(teacher)
+    model_config = dict(getattr(teacher, "config", None) or {})
+    check_compatible(
+        model_config, cache.manifest, f"teacher {config.teacher}", str(getattr(cache, "path", "cache"))
+    )
     if config.init == "inherit" and not resume:
         from nas.models.inherit import inherit
 

@@ -372,19 +372,6 @@ def check_arch_cache(arch, manifest: dict, arch_source: str, cache_source: str) 
     check_compatible(settings, manifest, arch_source, cache_source)
 
 
-def _teacher(config: TrainConfig, student, arch, cache, resume: bool, quiet: bool, given):
-    """The distillation teacher, checked against the cache before the student inherits from it."""
-    assert config.distill is not None
-    source, cache_name = f"teacher {config.distill.teacher}", str(getattr(cache, "path", "cache"))
-
-    def check(module) -> None:
-        check_compatible(dict(getattr(module, "config", None) or {}), cache.manifest, source, cache_name)
-
-    return prepare_teacher(
-        config.distill, student, arch, resume=resume, quiet=quiet, given=given, check=check
-    )
-
-
 def train_arch(
     config: TrainConfig,
     arch_path: str | Path | None = None,
@@ -430,7 +417,9 @@ def train_arch(
     model = build_unet(arch)
     module = None
     if config.distill is not None:
-        module = _teacher(config, model, arch, cache, resume, quiet, teacher)
+        module = prepare_teacher(
+            config.distill, model, arch, cache, resume=resume, quiet=quiet, given=teacher
+        )
     return train(model, cache, config, out=run, resume=resume, quiet=quiet, arch=arch, teacher=module)
 
 
@@ -477,5 +466,5 @@ def proxy_train(
     model = build_unet(arch)
     module = None
     if config.distill is not None:  # pass `teacher` to load it once for many trials
-        module = _teacher(config, model, arch, cache, False, quiet, teacher)
+        module = prepare_teacher(config.distill, model, arch, cache, quiet=quiet, given=teacher)
     return train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module).val_loss
