@@ -113,6 +113,27 @@ def test_feature_weight_zero_sets_no_hooks(tiny_unet, fake_cache):
     assert not student.down_blocks[0]._forward_hooks
 
 
+def test_teacher_runs_in_the_training_dtype(tiny_unet, fake_cache):
+    """Under bf16 autocast the teacher's weights are bf16 (half the memory); the terms stay float32."""
+    teacher, student = tiny_unet(seed=1), tiny_unet(seed=0)
+    distiller = Distiller(teacher, DistillConfig(teacher="t"), student, torch.device("cpu"), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = distiller.loss(student, scheduler(), batch(fake_cache), 5.0)
+    total.backward()
+    assert next(teacher.parameters()).dtype == torch.bfloat16 and total.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(v)) for v in distiller.take_terms().values())
+    assert student.conv_in.weight.grad is not None and next(teacher.parameters()).grad is None
+    distiller.close()
+
+
+def test_no_teacher_forward_without_kd_weights(tiny_unet, fake_cache):
+    teacher, student = tiny_unet(seed=1), tiny_unet(seed=0)
+    config = DistillConfig(teacher="t", output=0, feature=0)  # init: inherit and the task loss only
+    distiller = Distiller(teacher, config, student, torch.device("cpu"))
+    distiller.loss(student, scheduler(), batch(fake_cache), 5.0)
+    assert set(distiller.take_terms()) == {"task"} and distiller.take_teacher_seconds() == 0.0
+
+
 def kd_out_on(teacher, student, fake_cache) -> float:
     distiller = Distiller(teacher, DistillConfig(teacher="t", feature=0), student, torch.device("cpu"))
     with torch.no_grad():
@@ -125,7 +146,8 @@ def test_output_kd_alone_moves_the_student_to_the_teacher(tiny_unet, fake_cache,
     teacher, student = tiny_unet(seed=1), tiny_unet(seed=0)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     kd_before = kd_out_on(teacher, student, fake_cache)
-    config = quick_config(distill={"teacher": "t", "task": 0.0, "output": 1.0, "feature": 0.0})
+    weights = {"teacher": "t", "task": 0.0, "output": 1.0, "feature": 0.0}
+    config = quick_config(distill=weights, val_every=8, checkpoint_every=8)
     train(student, fake_cache, config, out=tmp_path / "run", quiet=True, teacher=teacher)
     kd_after = kd_out_on(teacher, student, fake_cache)
     assert kd_after < 0.7 * kd_before  # seen: 0.086 -> 0.035
@@ -163,15 +185,19 @@ def test_train_arch_inherits_and_resumes(fake_cache, quick_config, tmp_path, mon
     dump_yaml(student_arch, tmp_path / "s.yaml")
     teacher = build_unet(teacher_arch)
     run = tmp_path / "run"
-    config = quick_config(distill={"teacher": str(tmp_path / "t")}, max_steps=4, ema=None)
+    config = quick_config(
+        distill={"teacher": str(tmp_path / "t")}, max_steps=4, grad_accum=2, batch_size=4, ema=None
+    )
     train_arch(config, tmp_path / "s.yaml", "cache", out=run, quiet=True, teacher=(teacher, teacher_arch))
     assert calls == [{"narrow": "slice"}]
-    config = quick_config(distill={"teacher": str(tmp_path / "t")}, max_steps=8, ema=None)
+    config = quick_config(
+        distill={"teacher": str(tmp_path / "t")}, max_steps=8, grad_accum=2, batch_size=4, ema=None
+    )
     result = train_arch(config, tmp_path / "s.yaml", "cache", out=run, resume=True, quiet=True,
                         teacher=(teacher, teacher_arch))  # fmt: skip
     assert result.step == 8 and len(calls) == 1  # resumed: the checkpoint brings the weights
-    changed = quick_config(distill={"teacher": str(tmp_path / "t"), "output": 0.5}, max_steps=8, ema=None)
-    with pytest.raises(NasError, match="distill"):
+    changed = config.model_copy(update={"distill": DistillConfig(teacher=str(tmp_path / "t"), output=0.5)})
+    with pytest.raises(NasError, match=r"config\.yaml: distill: the checkpoint was trained with"):
         train_arch(changed, tmp_path / "s.yaml", "cache", out=run, resume=True, quiet=True,
                    teacher=(teacher, teacher_arch))  # fmt: skip
 

@@ -212,22 +212,23 @@ class Distiller:
         for tap in (self.student_tap, self.teacher_tap):
             if tap is not None:
                 tap.outputs, tap.active = {}, True
+        taught = None
         try:
             prediction = model(noisy, t, encoder_hidden_states=text).sample
-            started = self.clock.start()
-            with torch.no_grad():
-                taught = self.teacher(
-                    noisy.to(self.dtype), t, encoder_hidden_states=text.to(self.dtype)
-                ).sample
-            self.clock.stop(started)
+            if self.weights.output > 0 or self.weights.feature > 0:  # else: inheritance only
+                started = self.clock.start()
+                with torch.no_grad():
+                    taught = self.teacher(
+                        noisy.to(self.dtype), t, encoder_hidden_states=text.to(self.dtype)
+                    ).sample
+                self.clock.stop(started)
         finally:
             for tap in (self.student_tap, self.teacher_tap):
                 if tap is not None:
                     tap.active = False
-        terms = {
-            "task": per_sample_loss(prediction, target, w).mean(),
-            "kd_out": per_sample_loss(prediction, taught, w).mean(),
-        }
+        terms = {"task": per_sample_loss(prediction, target, w).mean()}
+        if taught is not None:
+            terms["kd_out"] = per_sample_loss(prediction, taught, w).mean()
         if self.student_tap is not None:
             terms["kd_feat"] = self._feature_loss(prediction)
         weights = {"task": self.weights.task, "kd_out": self.weights.output, "kd_feat": self.weights.feature}
