@@ -39,9 +39,9 @@ def arch(*channels: int, mid: bool = True, name: str = "a"):
     return arch_from_dict(data)
 
 
-def shapes(a):
+def shapes(a, flex: bool = False):
     torch.manual_seed(0)
-    net = build_unet(a)
+    net = build_unet(a, force_flex=flex)
     return block_shapes(net, torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 8, 32))
 
 
@@ -52,13 +52,15 @@ MATCHING = {
     "fewer levels": (arch(16, 32), arch(16, 32, 32), ["down.0", "up.0", "up.1"]),
     "no mid block": (arch(16, 32, mid=False), arch(16, 32), ["down.0", "down.1", "up.0", "up.1"]),
     "narrower level": (arch(16, 16), arch(16, 32), ["down.0", "up.0"]),
+    # FlexUNet2DConditionModel: same block names; its mid block returns a tuple (first tensor taken)
+    "flex student": ((arch(16, 32), True), arch(16, 32), ["down.0", "down.1", "mid", "up.0", "up.1"]),
 }
 
 
 @pytest.mark.parametrize("case", list(MATCHING))
 def test_matching_rule(case):
     student, teacher, expected = MATCHING[case]
-    s, t = shapes(student), shapes(teacher)
+    s, t = shapes(*student) if isinstance(student, tuple) else shapes(student), shapes(teacher)
     matched, skipped = match_blocks(s, t)
     assert matched == expected
     assert sorted(matched + [key for key, _ in skipped]) == sorted(set(s) | set(t))
