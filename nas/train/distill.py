@@ -193,8 +193,12 @@ class Distiller:
         dtype: torch.dtype = torch.float32,
         announce: Callable[[str], None] | None = None,
     ):
-        self.teacher = teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.weights, self.dtype, self.announce = weights, dtype, announce
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        if not getattr(teacher, "_keep_in_fp32_modules", None):  # no U-Net here declares any
+            # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even with none to keep
+            torch.nn.Module.to(self.teacher, dtype=dtype)
+        self.dtype = next(self.teacher.parameters()).dtype  # its inputs are cast to it
+        self.weights, self.announce = weights, announce
         use_features = weights.feature > 0
         self.student_tap = FeatureTap(student) if use_features else None
         self.teacher_tap = FeatureTap(self.teacher) if use_features else None
@@ -257,8 +261,13 @@ class Distiller:
         assert self.pairs is not None and self.student_tap is not None and self.teacher_tap is not None
         s, t = self.student_tap, self.teacher_tap
         pairs = ", ".join(f"{s.name(k)}<->{t.name(k)}" for k in self.pairs) or "none (feature KD is 0)"
-        names = {**{k: n for k, (n, _) in t.table.items()}, **{k: n for k, (n, _) in s.table.items()}}
-        skip = "; ".join(f"{names[k]} ({why})" for k, why in skipped) or "none"
+
+        def both(key: str) -> str:
+            mine = f"student {s.name(key)}" if key in s.table else ""
+            theirs = f"teacher {t.name(key)}" if key in t.table else ""
+            return "<->".join(part for part in (mine, theirs) if part)
+
+        skip = "; ".join(f"{both(k)} ({why})" for k, why in skipped) or "none"
         return f"distill: feature KD on {len(self.pairs)} block pairs: {pairs}; skipped: {skip}"
 
     def take_terms(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
