@@ -37,6 +37,7 @@ MAX_KEEP_CHECKPOINTS = 1000  # checkpoints kept on disk
 MAX_TRAIN_TIMESTEPS = 10_000  # discrete diffusion steps (DDPM / SD: 1000; iDDPM: 4000)
 MAX_GRAD_CLIP = 1e6  # max gradient norm (SD / diffusers: 1.0)
 MAX_MIN_SNR_GAMMA = 1e4  # Min-SNR gamma (Hang et al. 2023: 5)
+MAX_LOSS_WEIGHT = 1e4  # weight of a distillation loss term (BK-SDM: 1.0 each)
 MAX_SEED = 2**32 - 1  # numpy's legacy RandomState and many tools take 32-bit seeds
 
 # --- search ------------------------------------------------------------------------------------

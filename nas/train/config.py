@@ -20,6 +20,7 @@ from nas import limits as L
 from nas.config import Strict, read_yaml, validate
 from nas.diffusion import Recipe
 from nas.errors import NasError
+from nas.train.distill import DistillConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "experiments"
 # name -> file in experiments/. One explicit table; an unknown name is an error listing these.
@@ -62,6 +63,8 @@ class TrainConfig(Strict):
     )
     diffusion: Recipe = Recipe()  # noise schedule, prediction type, Min-SNR (nas/diffusion.py)
     ema: EMAConfig | None = EMAConfig()  # null: no EMA
+    # knowledge distillation from a teacher U-Net (nas/train/distill.py, BK-SDM); null: none
+    distill: DistillConfig | None = None
 
     # Upper bounds: nas/limits.py (each with the figures of real runs it leaves room for); NaN and
     # infinity are refused in every float field (nas.config.Strict).
@@ -148,6 +151,10 @@ def _absolute_paths(data: dict, folder: Path) -> dict:
     for key in ("arch", "cache"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((folder / data[key]).resolve())
+    distill = data.get("distill")
+    teacher = distill.get("teacher") if isinstance(distill, dict) else None
+    if isinstance(teacher, str) and not Path(teacher).is_absolute():
+        distill["teacher"] = str((folder / teacher).resolve())
     return data
 
 

@@ -32,7 +32,8 @@ from nas.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig, check_resumable
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
-from nas.train.run import MetricsLog, plot_losses
+from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
+from nas.train.run import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
 
 # A final validation loss above this multiple of the best one marks the run as diverged (warning,
 # summary.json). Seen: SD's recipe at a constant lr 1e-3 went from 0.085 to 0.99 at step ~1,220.
@@ -139,8 +140,13 @@ def train(
     report: Report | None = None,
     quiet: bool = False,
     arch=None,
+    teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
-    """Train `model` on `cache` (see nas/train/data.py for the interface); `out`: run folder or None."""
+    """Train `model` on `cache` (see nas/train/data.py for the interface); `out`: run folder or None.
+
+    `teacher`: the teacher U-Net when `config.distill` is set (train_arch / proxy_train load it and
+    initialise the student from it; here it is only run, frozen, next to `model`).
+    """
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -151,6 +157,13 @@ def train(
     main = accelerator.is_main_process
     cache_name = str(getattr(cache, "path", "cache"))
     check_compatible(dict(getattr(model, "config", None) or {}), cache.manifest, "architecture", cache_name)
+    if (config.distill is None) != (teacher is None):
+        raise NasError(
+            "distill: pass a teacher module together with a config that has distill: (and only then);"
+            " train_arch and proxy_train load it from distill.teacher"
+        )
+    if teacher is not None:
+        check_compatible(dict(getattr(teacher, "config", None) or {}), cache.manifest, "teacher", cache_name)
     scheduler = noise_scheduler(config.diffusion)
     gamma = config.diffusion.min_snr_gamma
     steps_t = scheduler.config.num_train_timesteps
@@ -175,6 +188,11 @@ def train(
         num_training_steps=config.max_steps,
     )
     net = accelerator.unwrap_model(model)
+    distiller = None
+    if config.distill is not None and teacher is not None:
+        announce = None if quiet or not main else (lambda line: print(line, file=sys.stderr, flush=True))
+        dtype = mixed_precision_dtype(accelerator.mixed_precision)
+        distiller = Distiller(teacher, config.distill, net, accelerator.device, dtype, announce)
 
     def make_ema():
         assert config.ema is not None  # called only with EMA configured (or in the checkpoint's config)
@@ -197,7 +215,8 @@ def train(
             mixed_precision=accelerator.mixed_precision,
         )
         folder.write_environment(env, start if ckpt is not None else None)
-        metrics = MetricsLog(folder.metrics, resume_step=start if ckpt is not None else None)
+        columns = METRICS + DISTILL_METRICS if distiller is not None else METRICS
+        metrics = MetricsLog(folder.metrics, resume_step=start if ckpt is not None else None, columns=columns)
 
     ema_start = config.ema_start_step()
     samples_per_step = config.global_batch(accelerator.num_processes)
@@ -226,9 +245,12 @@ def train(
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        loss = diffusion_loss(
-                            model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
-                        ).mean()
+                        if distiller is not None:  # weighted task + output KD + feature KD
+                            loss = distiller.loss(model, scheduler, b, gamma)
+                        else:
+                            loss = diffusion_loss(
+                                model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
+                            ).mean()
                     accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach() / config.grad_accum
             step_loss = accelerator.reduce(step_loss, "mean").item()
@@ -264,6 +286,11 @@ def train(
                     stopped = bool(report(done, val_loss))
             if done % config.log_every == 0 or val_due:
                 rate = samples_per_step * interval_steps / max(interval_time, 1e-9)
+                extra: dict[str, float] = {}
+                if distiller is not None:  # every process reduces (a collective), the main one logs
+                    extra = distiller.take_terms(lambda value: accelerator.reduce(value, "mean"))
+                    extra["step_s"] = interval_time / interval_steps
+                    extra["teacher_s"] = distiller.take_teacher_seconds() / interval_steps
                 if metrics is not None:
                     metrics.add(
                         step=done,
@@ -271,6 +298,7 @@ def train(
                         lr=lr_scheduler.get_last_lr()[0],
                         samples_per_s=rate,
                         val_loss=val_loss if val_due else None,
+                        **extra,
                     )
                 bar.set_postfix(
                     loss=f"{interval_loss / interval_steps:.4f}",
@@ -291,6 +319,8 @@ def train(
                 break
     finally:
         bar.close()
+        if distiller is not None:
+            distiller.close()  # the hooks go; the caller keeps a plain model
 
     if val_loss is None:  # nothing trained in this session (resumed at the end)
         val_loss = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
@@ -349,8 +379,12 @@ def train_arch(
     out: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
+    teacher=None,
 ) -> TrainResult:
-    """`nas train`: load the architecture and cache, build the U-Net, train into a run folder."""
+    """`nas train`: load the architecture and cache, build the U-Net, train into a run folder.
+
+    With `distill:` the teacher is `teacher` ((module, Arch)) or loaded from distill.teacher.
+    """
     from accelerate.utils import set_seed
 
     from nas.space import build_unet, load_arch
@@ -372,11 +406,21 @@ def train_arch(
     cache = open_cache(cache_path)
     check_arch_cache(arch, cache.manifest, str(arch_path), str(cache_path))
     # Recorded absolute, so `nas sample RUN` finds the cache from any working directory.
-    paths = {"arch": str(Path(arch_path).resolve()), "cache": str(Path(cache_path).resolve())}
+    paths: dict[str, Any] = {"arch": str(Path(arch_path).resolve()), "cache": str(Path(cache_path).resolve())}
+    if config.distill is not None:  # a --set path is relative to the working directory
+        paths["distill"] = {
+            **config.distill.model_dump(),
+            "teacher": str(Path(config.distill.teacher).resolve()),
+        }
     config = validate(TrainConfig, {**config.model_dump(), **paths}, "config")
     set_seed(config.seed)  # model init is part of the run's randomness
     model = build_unet(arch)
-    return train(model, cache, config, out=run, resume=resume, quiet=quiet, arch=arch)
+    module = None
+    if config.distill is not None:
+        module = prepare_teacher(
+            config.distill, model, arch, cache, resume=resume, quiet=quiet, given=teacher
+        )
+    return train(model, cache, config, out=run, resume=resume, quiet=quiet, arch=arch, teacher=module)
 
 
 def proxy_train(
@@ -389,6 +433,7 @@ def proxy_train(
     config: TrainConfig | None = None,
     seed: int | None = None,
     quiet: bool = True,
+    teacher=None,
 ) -> float:
     """Short mode for the search: train `arch` for `steps` steps and return the final validation loss.
 
@@ -396,7 +441,8 @@ def proxy_train(
     `every` steps (default steps // 4) the validation loss goes to `report(step, val_loss)`; if that
     returns True training stops and the last reported loss is returned; if it raises (a pruner's
     exception) the exception propagates. Same loop as `nas train`; no EMA, no files written.
-    `config` defaults to the DeciDiffusion recipe with a 10% warm-up.
+    `config` defaults to the DeciDiffusion recipe with a 10% warm-up. With `distill:` in `config`,
+    `teacher` ((module, Arch)) saves loading distill.teacher once per call.
     """
     from accelerate.utils import set_seed
 
@@ -418,4 +464,7 @@ def proxy_train(
     check_arch_cache(arch, cache.manifest, f"architecture {arch.name}", str(getattr(cache, "path", "cache")))
     set_seed(config.seed)
     model = build_unet(arch)
-    return train(model, cache, config, out=None, report=report, quiet=quiet).val_loss
+    module = None
+    if config.distill is not None:  # pass `teacher` to load it once for many trials
+        module = prepare_teacher(config.distill, model, arch, cache, quiet=quiet, given=teacher)
+    return train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module).val_loss
