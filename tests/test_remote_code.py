@@ -27,7 +27,8 @@ STEPS, GUIDANCE, SEED = 2, 7.5, 0
 # What the shipped file may import: it is loaded where only torch and diffusers are installed.
 ALLOWED_IMPORTS = {"__future__", "collections", "typing", "torch", "diffusers"}
 
-# Runs in the subprocess. argv: flex pipeline folder, stock pipeline folder, model folder, work dir.
+# Runs in the subprocess. argv: flex pipeline folder, stock pipeline folder, model folder, work dir,
+# "block" (install the finder) or "env" (nas is simply not installed in that interpreter).
 WITHOUT_NAS = textwrap.dedent(
     """
     import importlib.abc, json, sys
@@ -38,8 +39,9 @@ WITHOUT_NAS = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
             return None
 
-    sys.meta_path.insert(0, BlockNas())
-    flex_dir, stock_dir, model_dir, work = sys.argv[1:5]
+    flex_dir, stock_dir, model_dir, work, how = sys.argv[1:6]
+    if how == "block":
+        sys.meta_path.insert(0, BlockNas())
     report = {}
     try:
         import nas  # noqa: F401
@@ -81,7 +83,7 @@ WITHOUT_NAS = textwrap.dedent(
     stock = StableDiffusionPipeline.from_pretrained(stock_dir, local_files_only=True)
     report["stock_unet_class"] = type(stock.unet).__name__
     outputs["stock_image"] = image(stock, PROMPT)
-    save_file(outputs, work + "/outputs.safetensors")
+    save_file(outputs, work + f"/outputs_{how}.safetensors")
     report["modules_loaded"] = sorted(m for m in sys.modules if m == "nas" or m.startswith("nas."))
     print(json.dumps(report))
     """
@@ -91,7 +93,7 @@ WITHOUT_NAS = textwrap.dedent(
 @pytest.fixture(scope="module")
 def without_nas(sample_world, tmp_path_factory):
     """Export both runs, run WITHOUT_NAS on them; return (folders, report, outputs, fixed input)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     work = tmp_path_factory.mktemp("remote_code")
     flex, stock = work / "flex_pipe", work / "stock_pipe"
@@ -106,11 +108,22 @@ def without_nas(sample_world, tmp_path_factory):
         "text": torch.randn(2, 32, config["cross_attention_dim"], generator=g),  # 32 tokens
     }
     save_file(fixed, work / "input.safetensors")
+    folders = {"flex": flex, "stock": stock, "model": model_dir, "work": work}
+    report, outputs = _run_without_nas(sys.executable, folders, "block")
+    return folders, report, outputs, fixed
+
+
+def _run_without_nas(python: str, folders: dict[str, Path], how: str) -> tuple[dict, dict]:
+    """Run WITHOUT_NAS with `python`; return its report and output tensors."""
+    from safetensors.torch import load_file
+
+    work = folders["work"]
     header = f"STEPS, GUIDANCE, SEED, PROMPT = {STEPS}, {GUIDANCE}, {SEED}, {PROMPT!r}\n"
     # -I ignores PYTHONPATH and user site-packages; HF_MODULES_CACHE is where diffusers copies the code
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / f"modules_{how}")}
+    args = [str(folders[k]) for k in ("flex", "stock", "model", "work")]
     done = subprocess.run(
-        [sys.executable, "-I", "-c", header + WITHOUT_NAS, str(flex), str(stock), str(model_dir), str(work)],
+        [python, "-I", "-c", header + WITHOUT_NAS, *args, how],
         cwd=work,  # outside the repository: `nas` cannot come from the working directory
         env=env,
         capture_output=True,
@@ -118,13 +131,7 @@ def without_nas(sample_world, tmp_path_factory):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return (
-        {"flex": flex, "stock": stock, "model": model_dir},
-        report,
-        load_file(work / "outputs.safetensors"),
-        fixed,
-    )
+    return json.loads(done.stdout.strip().splitlines()[-1]), load_file(work / f"outputs_{how}.safetensors")
 
 
 def _unet_out(unet, fixed):
@@ -195,3 +202,24 @@ def test_shipped_file_is_the_module_itself_and_self_contained(without_nas, tmp_p
     from diffusers import UNet2DConditionModel
 
     assert ship_code(UNet2DConditionModel, tmp_path) is None and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_flex_pipeline_in_a_venv_without_nas(without_nas, tmp_path):
+    """A real interpreter without `nas`: a fresh venv (no pip) whose site-packages holds one .pth
+    naming this venv's site-packages. Python adds that folder to sys.path but processes no .pth file
+    inside it, so the editable install of nas (a .pth finder) is not active: torch, diffusers and
+    transformers import, `nas` does not, with no finder of the test's."""
+    import site
+    import venv
+
+    folders, _, outputs, _ = without_nas
+    packages = next(p for p in site.getsitepackages() if (Path(p) / "diffusers").is_dir())
+    venv.create(tmp_path / "venv", with_pip=False)
+    (purelib,) = (tmp_path / "venv" / "lib").glob("python*/site-packages")
+    (purelib / "deps.pth").write_text(packages + "\n")
+    report, theirs = _run_without_nas(str(tmp_path / "venv" / "bin" / "python"), folders, "env")
+    assert report["import_nas"] == "ModuleNotFoundError" and report["modules_loaded"] == []
+    assert report["flex_unet_class"] == "diffusers_modules.local.flex_unet.FlexUNet2DConditionModel"
+    for name in ("flex_unet", "flex_image", "model_unet", "stock_image"):
+        assert torch.allclose(theirs[name], outputs[name], atol=1e-5), name
