@@ -80,6 +80,13 @@ WITHOUT_NAS = textwrap.dedent(
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, local_files_only=True)
     report["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
     outputs["model_unet"] = unet_out(model)
+    component = AutoModel.from_pretrained(flex_dir + "/unet", trust_remote_code=True, local_files_only=True)
+    outputs["component_unet"] = unet_out(component)
+    try:  # model_index.json is read first and has no auto_map
+        AutoModel.from_pretrained(flex_dir, subfolder="unet", trust_remote_code=True, local_files_only=True)
+        report["subfolder"] = "loaded"
+    except Exception as exc:
+        report["subfolder"] = f"{type(exc).__name__}: {exc}"
     stock = StableDiffusionPipeline.from_pretrained(stock_dir, local_files_only=True)
     report["stock_unet_class"] = type(stock.unet).__name__
     outputs["stock_image"] = image(stock, PROMPT)
@@ -148,6 +155,7 @@ def test_flex_pipeline_loads_and_runs_without_nas(sample_world, without_nas):
     assert isinstance(components.unet, FlexUNet2DConditionModel)
     ours = _unet_out(components.unet, fixed)
     assert torch.allclose(outputs["flex_unet"], ours, atol=1e-5)
+    assert torch.allclose(outputs["component_unet"], ours, atol=1e-5)  # AutoModel on pipe/unet
     assert ours.abs().max() > 1e-2  # a real output, so the comparison can fail
     image = generate(components, build_pipeline(components), jobs_for([PROMPT], 1, SEED),
                      SampleSettings(steps=STEPS, guidance=GUIDANCE, batch_size=1), progress=False)  # fmt: skip
@@ -160,6 +168,8 @@ def test_flex_pipeline_refused_without_trust_remote_code(without_nas):
     assert report["untrusted"].startswith("ValueError: The directory ")
     assert "contains custom code in flex_unet.py" in report["untrusted"]
     assert "Pass `trust_remote_code=True`" in report["untrusted"]
+    # recorded, not wanted: AutoModel with subfolder= reads model_index.json, which has no auto_map
+    assert report["subfolder"].startswith("ValueError: Selected model repository does not appear to have")
 
 
 def test_model_folder_loads_with_automodel_without_nas(sample_world, without_nas):
@@ -221,5 +231,5 @@ def test_flex_pipeline_in_a_venv_without_nas(without_nas, tmp_path):
     report, theirs = _run_without_nas(str(tmp_path / "venv" / "bin" / "python"), folders, "env")
     assert report["import_nas"] == "ModuleNotFoundError" and report["modules_loaded"] == []
     assert report["flex_unet_class"] == "diffusers_modules.local.flex_unet.FlexUNet2DConditionModel"
-    for name in ("flex_unet", "flex_image", "model_unet", "stock_image"):
+    for name in ("flex_unet", "flex_image", "model_unet", "component_unet", "stock_image"):
         assert torch.allclose(theirs[name], outputs[name], atol=1e-5), name
