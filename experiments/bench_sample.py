@@ -63,9 +63,9 @@ def main() -> int:
     jobs = jobs_for(held_out_captions(args.run, args.prompts), args.n, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         export_pipeline(args.run, Path(tmp) / "pipe", scheduler=args.scheduler)
-        pipe = StableDiffusionPipeline.from_pretrained(Path(tmp) / "pipe", local_files_only=True).to(
-            args.device
-        )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            Path(tmp) / "pipe", local_files_only=True, trust_remote_code=True
+        ).to(args.device)
     pipe.set_progress_bar_config(disable=True)
 
     def run_nas(batch_jobs):

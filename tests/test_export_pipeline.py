@@ -28,7 +28,8 @@ STEPS, GUIDANCE = 6, 7.5
 def _pipeline_images(folder, prompts, seeds):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    # trust_remote_code: a FlexUNet's class comes from unet/flex_unet.py; no effect on a stock U-Net
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     out = [
         pipe(
@@ -61,15 +62,18 @@ def test_exported_pipeline_reproduces_nas_sample(sample_world, tmp_path, schedul
     assert np.abs(theirs[0] - theirs[2]).max() > 1e-3  # prompts matter: the comparison can fail
 
 
-def test_flex_unet_pipeline_loads_with_nas_installed(sample_world, tmp_path):
-    from nas.models import FlexUNet2DConditionModel
-
+def test_flex_unet_pipeline_loads_with_shipped_code(sample_world, tmp_path, capsys):
+    """Loading without `nas` importable: tests/test_remote_code.py."""
     out = tmp_path / "pipe"
     assert main(["export-pipeline", str(sample_world.run_flex), "--out", str(out)]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
     index = json.loads((out / "model_index.json").read_text())
-    assert index["unet"] == ["nas.models.flex_unet", "FlexUNet2DConditionModel"]
+    assert index["unet"] == ["flex_unet", "FlexUNet2DConditionModel"]
     pipe, theirs = _pipeline_images(out, PROMPTS[:1], [0])
-    assert isinstance(pipe.unet, FlexUNet2DConditionModel)
+    assert (
+        type(pipe.unet).__module__.endswith(".flex_unet")
+        and type(pipe.unet).__name__ == "FlexUNet2DConditionModel"
+    )
     components = load_run(sample_world.run_flex)
     ours = generate(components, build_pipeline(components), jobs_for(PROMPTS[:1], 1, 0),
                     SampleSettings(steps=STEPS, guidance=GUIDANCE), progress=False)  # fmt: skip

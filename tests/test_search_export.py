@@ -49,6 +49,11 @@ def test_export_writes_loadable_config(capsys, finished_study, tmp_path, pick):
     model = cls.from_config(cls.load_config(out))
     assert sum(p.numel() for p in model.parameters()) == card["params"]
     assert load_arch(out / "arch.yaml").name.startswith("e-t")
+    if cls is FlexUNet2DConditionModel:  # its code ships, for AutoModel without nas
+        assert config["auto_map"] == {"AutoModel": "flex_unet.FlexUNet2DConditionModel"}
+        assert (out / "flex_unet.py").is_file() and "trust_remote_code=True" in (out / "card.md").read_text()
+    else:
+        assert not list(out.glob("*.py")) and "auto_map" not in config
     assert (out / "card.md").read_text().startswith("# ")
 
 

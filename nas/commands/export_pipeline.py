@@ -1,6 +1,7 @@
 """Export a trained run as a diffusers StableDiffusionPipeline folder (unet/, vae/, text_encoder/,
-tokenizer/, scheduler/, model_index.json; safetensors) that `StableDiffusionPipeline.from_pretrained`
-loads offline and runs with a plain text prompt, giving the images `nas sample` gives."""
+tokenizer/, scheduler/, model_index.json; safetensors; a FlexUNet's code in unet/flex_unet.py) that
+`StableDiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)` loads offline without `nas`
+and runs with a plain text prompt, giving the images `nas sample` gives."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def run(settings: Settings) -> int:
 
     out = Path(settings.out)
     info = export_pipeline(Path(settings.run), out, settings.scheduler, settings.spacing, settings.weights)
+    trust = ", trust_remote_code=True" if info["unet_code"] else ""  # code shipped in unet/
     print(
         f"exported {info['unet_class']} ({info['weights']} weights) with {info['scheduler_class']} to {out};"
-        f" load with StableDiffusionPipeline.from_pretrained({str(out)!r})"
+        f" load with StableDiffusionPipeline.from_pretrained({str(out)!r}{trust})"
     )
     return 0

@@ -1,5 +1,28 @@
-"""Diffusers-native model classes of this project."""
+"""Diffusers-native model classes of this project, and shipping their code with saved models."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
 
 from nas.models.flex_unet import FlexUNet2DConditionModel
 
-__all__ = ["FlexUNet2DConditionModel"]
+# Classes whose source file is copied into the folders they are saved to, so that diffusers loads
+# those folders without `nas` (trust_remote_code). Each file must import only torch and diffusers
+# (tests/test_remote_code.py checks); the file name, less ".py", is what config.json's `auto_map`
+# and model_index.json name.
+SHIPPED = {"FlexUNet2DConditionModel": FlexUNet2DConditionModel}
+
+
+def ship_code(cls: type, folder: str | Path) -> str | None:
+    """Copy the source file of a class of `SHIPPED` into `folder`; return its module name (the file
+    name less ".py"), or None for any other class (diffusers' own need no code)."""
+    if SHIPPED.get(cls.__name__) is not cls:
+        return None
+    source = Path(sys.modules[cls.__module__].__file__ or "")
+    shutil.copyfile(source, Path(folder) / source.name)
+    return source.stem
+
+
+__all__ = ["SHIPPED", "FlexUNet2DConditionModel", "ship_code"]

@@ -10,6 +10,12 @@ the stock module names (`down_blocks.{i}.resnets.{j}`, `.attentions.{j}`, `.down
 both compute the same output (tested in tests/test_models.py). It saves and loads with
 `save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers pipelines
 accept it.
+
+This file imports only torch and diffusers: `nas` copies it, unchanged, into every folder it saves
+a model of this class to (nas/models/__init__.py, `ship_code`), and the class is registered for
+diffusers' `AutoModel` (config.json gets `"auto_map": {"AutoModel": "flex_unet.FlexUNet2DConditionModel"}`),
+so `diffusers.AutoModel.from_pretrained(FOLDER, trust_remote_code=True)` loads such a folder on a
+machine without `nas`.
 """
 
 from __future__ import annotations
@@ -138,6 +144,13 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     """
 
     _supports_gradient_checkpointing = True
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # `auto_map` is written by register_for_auto_class (below) for AutoModel, not an __init__
+        # argument; dropped here so that loading does not warn that it "will be ignored".
+        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
     def __init__(
@@ -294,3 +307,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         if not return_dict:
             return (out,)
         return UNet2DConditionOutput(sample=out)
+
+
+# save_pretrained / save_config write config.json's `auto_map` entry, naming this file's module
+FlexUNet2DConditionModel.register_for_auto_class("AutoModel")

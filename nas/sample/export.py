@@ -2,7 +2,8 @@
 
 OUT/ holds unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json (written by
 `StableDiffusionPipeline.save_pretrained`, safetensors), plus nas_export.json (where it came from).
-It loads offline with `StableDiffusionPipeline.from_pretrained(OUT)` and takes a plain text prompt:
+It loads offline with `StableDiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)` and
+takes a plain text prompt:
 
 - the text encoder's config carries `use_attention_mask: true` (BERT-like encoders such as MiniLM
   need the padding masked, as the cache was encoded) and the tokenizer's `model_max_length` is the
@@ -10,8 +11,12 @@ It loads offline with `StableDiffusionPipeline.from_pretrained(OUT)` and takes a
 - the VAE's `scaling_factor` is the cache's;
 - the scheduler is the run's recipe (betas, zero terminal SNR, prediction type, trailing spacing).
 
-A U-Net of the project's own class (`FlexUNet2DConditionModel`) is recorded in model_index.json as
-`["nas.models.flex_unet", "FlexUNet2DConditionModel"]`: loading needs `nas` importable.
+A U-Net of the project's own class (`FlexUNet2DConditionModel`) ships its code: nas/models/flex_unet.py
+is copied to unet/flex_unet.py and model_index.json names it `["flex_unet", "FlexUNet2DConditionModel"]`,
+diffusers' form for a component's custom class in the component's folder (pipeline_loading_utils.py,
+`get_class_obj_and_candidates`), as DeciDiffusion's published pipeline ships its U-Net. So the folder
+loads without `nas`, with `trust_remote_code=True` (without it diffusers refuses: "contains custom
+code ... Pass `trust_remote_code=True`"). A stock U-Net needs no code, and the flag changes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 from pathlib import Path
 
 from nas.errors import NasError
+from nas.models import ship_code
 from nas.runfolder import portable, staged_folder, write_json
 from nas.sample.generate import SampleSettings, build_pipeline, check_out_folder
 from nas.sample.run import SCHEDULERS, load_run
@@ -65,9 +71,23 @@ def export_pipeline(
     }
     with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         pipe.save_pretrained(staging, safe_serialization=True)
+        info["unet_code"] = _ship_unet_code(type(components.unet), staging)
         write_json(staging / EXPORT_INFO, info)
         _check_folder(staging)
     return info
+
+
+def _ship_unet_code(cls: type, folder: Path) -> str | None:
+    """unet/MODULE.py and model_index.json's `"unet": [MODULE, CLASS]` for a class of nas.models;
+    return the file's path in the folder, or None for a diffusers class."""
+    module = ship_code(cls, folder / "unet")
+    if module is None:
+        return None
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["unet"] = [module, cls.__name__]
+    write_json(index_file, index, sort_keys=True)  # diffusers writes it sorted, indent 2
+    return f"unet/{module}.py"
 
 
 def _check_folder(folder: Path) -> None:
@@ -78,6 +98,9 @@ def _check_folder(folder: Path) -> None:
             raise NasError(
                 f"{folder}: export is missing {name}/ (diffusers {index.get('_diffusers_version')})"
             )
+    library, class_name = index["unet"]
+    if library != "diffusers" and not (folder / "unet" / f"{library}.py").is_file():
+        raise NasError(f"{folder}: model_index.json names unet/{library}.py for {class_name}, not written")
     pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.bin"))
     if pickles:
         raise NasError(f"{folder}: export wrote pickle files {pickles}; expected safetensors only")

@@ -1,5 +1,7 @@
 """Pick an architecture from a finished study and write it out: the architecture YAML, the U-Net
-`config.json` diffusers loads with `from_config`, and a card with its figures."""
+`config.json` diffusers loads with `from_config` (with the class's code, flex_unet.py, for a
+FlexUNet: `AutoModel.from_config(DIR, trust_remote_code=True)` needs no `nas`), and a card with its
+figures."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError
+from nas.models import ship_code
 from nas.runfolder import write_json, write_text, write_yaml
 from nas.space import arch_from_dict, build_unet, unet_config
 
@@ -147,7 +150,9 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
     arch = arch_from_dict(trial.user_attrs["arch"], f"study {study.study_name} trial {trial.number}")
     write_yaml(out / "arch.yaml", arch)
     class_name, _ = unet_config(arch)
-    build_unet(arch, device="meta").save_config(out)  # config.json with _class_name, as diffusers writes it
+    model = build_unet(arch, device="meta")
+    model.save_config(out)  # config.json with _class_name, as diffusers writes it
+    code = ship_code(type(model), out)  # OUT/flex_unet.py for a FlexUNet (config.json's auto_map names it)
     a = trial.user_attrs
     front = {t.number for t in pareto_front(study)}
     card = {
@@ -191,9 +196,13 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         f"| latency source | {_latency_source(card)} |",
         f"| proxy validation loss | {card['proxy_loss']:.5f} |",
         "",
-        "Load: `from diffusers import UNet2DConditionModel` (or `from nas.models import "
-        "FlexUNet2DConditionModel`), then `Class.from_config(Class.load_config(DIR))`; "
-        "train it with `nas train CONFIG --arch DIR/arch.yaml`.",
+        (
+            f"Load: `diffusers.AutoModel.from_config(DIR, trust_remote_code=True)` (the class's code is "
+            f"`DIR/{code}.py`; no `nas` needed)"
+            if code
+            else "Load: `diffusers.UNet2DConditionModel.from_config(DIR)`"
+        )
+        + "; train it with `nas train CONFIG --arch DIR/arch.yaml`.",
     ]
     write_text(out / "card.md", "\n".join(lines) + "\n")
     return card

@@ -28,6 +28,7 @@ import torch
 from nas.config import read_yaml, validate
 from nas.diffusion import diffusion_loss, noise_scheduler
 from nas.errors import NasError
+from nas.models import ship_code
 from nas.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_folder
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig, check_resumable
@@ -118,15 +119,18 @@ def _latest(run: Path | None) -> str:
 
 
 def _save_final(run: Path, net, ema) -> None:
-    """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed."""
+    """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed; a
+    FlexUNet's folders also hold its code (flex_unet.py), for AutoModel without `nas`."""
     if not hasattr(net, "save_pretrained"):
         return
     with staged_folder(RunFolder(run).final) as staging:
         net.save_pretrained(staging / "unet", safe_serialization=True)
+        ship_code(type(net), staging / "unet")
         if ema is not None:
             ema.store(net.parameters())
             ema.copy_to(net.parameters())
             net.save_pretrained(staging / "unet_ema", safe_serialization=True)
+            ship_code(type(net), staging / "unet_ema")
             ema.restore(net.parameters())
 
 
