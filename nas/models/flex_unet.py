@@ -310,4 +310,6 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
 
 # save_pretrained / save_config write config.json's `auto_map` entry, naming this file's module
-FlexUNet2DConditionModel.register_for_auto_class("AutoModel")
+# (diffusers >= 0.36; older releases lack it and load the folder only with nas installed)
+if hasattr(FlexUNet2DConditionModel, "register_for_auto_class"):
+    FlexUNet2DConditionModel.register_for_auto_class("AutoModel")
