@@ -36,7 +36,7 @@ def interleave(total: int, slots: int) -> list[int]:
     """One layer after each of the first `slots - 1` positions in turn, the rest after the last:
     `itertools.zip_longest(resnets, attentions)` in Deci's flexible_unet."""
     head = [1 if i < total else 0 for i in range(slots - 1)]
-    return head + [max(0, total - (slots - 1))]
+    return [*head, max(0, total - (slots - 1))]
 
 
 def layer_depths(layout: str, total: int, slots: int) -> list[int]:
