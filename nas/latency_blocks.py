@@ -5,7 +5,9 @@ A forward of `UNet2DConditionModel` or `FlexUNet2DConditionModel` (same wiring, 
 nas/models/flex_unet.py) is the sequence: time embedding, conv_in, per level on the down path its
 ResNets (each maybe followed by a transformer) and a downsampler, the mid block's ResNets and
 transformers, per level on the up path skip concatenation + ResNet (+ transformer) and an
-upsampler, then norm + SiLU + conv_out. Each element is one `Block`: its kind and the integers
+upsampler, then norm + SiLU + conv_out. With `attention_layout: interleaved` a depth d is d
+transformer blocks of depth 1; a half-resolution mid block adds a downsampler after the last level
+and an upsampler after the mid block. Each element is one `Block`: its kind and the integers
 that fix its weights and input shape. The batch, dtype and device are the table's, not the key's.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.space.build import spread
+from nas.space.build import layer_depths
 from nas.space.sample import mirrored_up_attentions
 from nas.space.schema import Arch, Settings, Space
 
@@ -69,39 +71,55 @@ def transformer(s: Settings, channels: int, heads: int, depth: int, size: int) -
 
 
 def _path(
-    s: Settings, cins: list[int], skips: list[int] | None, cout: int, temb: int, size: int, depths, heads
+    s: Settings,
+    cins: list[int],
+    skips: list[int] | None,
+    cout: int,
+    temb: int,
+    size: int,
+    depths,
+    heads,
+    single: bool = False,  # interleaved layout: a depth d is d one-layer transformers
 ) -> list[Block]:
     out = []
     for j, (cin, depth) in enumerate(zip(cins, depths)):
         out.append(resnet(s, cin, 0 if skips is None else skips[j], cout, temb, size))
-        if depth:
-            out.append(transformer(s, cout, heads, depth, size))
+        for layers in [1] * depth if single else [depth] if depth else []:
+            out.append(transformer(s, cout, heads, layers, size))
     return out
 
 
 def arch_blocks(arch: Arch) -> list[Block]:
     """Every block one forward of `arch` runs, in order (repeats kept: the prediction sums them)."""
-    s, levels = arch.settings, arch.levels
+    s, levels, layout = arch.settings, arch.levels, arch.attention_layout
+    single = layout == "interleaved"
     c = [lv.channels for lv in levels]
     heads = [lv.num_heads() for lv in levels]
     c0, temb, last = c[0], 4 * c[0], len(levels) - 1
     size = [s.latent_size // 2**i for i in range(len(levels))]
+    half = arch.mid is not None and arch.mid.resolution == "half"
     out = [block("time", c0=c0), block("conv_in", cin=s.latent_channels, c0=c0, size=size[0])]
     for i, lv in enumerate(levels):
         prev = c[i - 1] if i else c0
         cins = [prev] + [c[i]] * (lv.resnets - 1)
-        out += _path(s, cins, None, c[i], temb, size[i], spread(lv.attentions, lv.resnets), heads[i])
-        if i < last:
+        depths = layer_depths(layout, lv.attentions, lv.resnets)
+        out += _path(s, cins, None, c[i], temb, size[i], depths, heads[i], single)
+        if i < last or half:
             out.append(block("down", c=c[i], size=size[i]))
     if arch.mid is not None:
-        depths = spread(arch.mid.attentions, arch.mid.resnets)
-        out += _path(s, [c[last]] * arch.mid.resnets, None, c[last], temb, size[last], depths, heads[last])
+        depths = layer_depths(layout, arch.mid.attentions, arch.mid.resnets)
+        mid_size = size[last] // 2 if half else size[last]
+        out += _path(
+            s, [c[last]] * arch.mid.resnets, None, c[last], temb, mid_size, depths, heads[last], single
+        )
+        if half:
+            out.append(block("up", c=c[last], size=mid_size))
     for i in reversed(range(len(levels))):
         n = levels[i].resnets + 1
         prev = c[i + 1] if i < last else c[last]
         skips = [c[i]] * (n - 1) + [c[i - 1] if i else c0]
-        depths = spread(levels[i].up_attentions, n)
-        out += _path(s, [prev] + [c[i]] * (n - 1), skips, c[i], temb, size[i], depths, heads[i])
+        depths = layer_depths(layout, levels[i].up_attentions, n)
+        out += _path(s, [prev] + [c[i]] * (n - 1), skips, c[i], temb, size[i], depths, heads[i], single)
         if i > 0:
             out.append(block("up", c=c[i], size=size[i]))
     out.append(block("conv_out", c0=c0, cout=s.latent_channels, groups=s.norm_num_groups, size=size[0]))
@@ -122,7 +140,9 @@ def space_blocks(space: Space) -> set[Block]:
     s, L = space.settings, space.levels
     out: set[Block] = set()
     c0s = L[0].channels
-    for depth in space.depth.values():
+    resolutions = space.mid.resolution if space.mid is not None else ["same"]
+    for depth, layout in product(space.depth.values(), space.attention_layout):
+        single = layout == "interleaved"
         last = depth - 1
         for i in range(depth):
             ls, size = L[i], s.latent_size // 2**i
@@ -138,20 +158,29 @@ def space_blocks(space: Space) -> set[Block]:
                             ls.up_attentions.values() if ls.up_attentions else [mirrored_up_attentions(a, r)]
                         )
                         for u, h in product(ups, _heads(ls, c)):
-                            down = _path(s, [prev_in] + [c] * (r - 1), None, c, temb, size, spread(a, r), h)
+                            d_depths = layer_depths(layout, a, r)
+                            down = _path(
+                                s, [prev_in] + [c] * (r - 1), None, c, temb, size, d_depths, h, single
+                            )
                             up_prev = cn if i < last else c
                             skips = [c] * r + [cp if i else c0]
-                            up = _path(s, [up_prev] + [c] * r, skips, c, temb, size, spread(u, r + 1), h)
+                            u_depths = layer_depths(layout, u, r + 1)
+                            up = _path(s, [up_prev] + [c] * r, skips, c, temb, size, u_depths, h, single)
                             out.update(down + up)
                 if i < last:
                     out.add(block("down", c=c, size=size))
                 if i > 0:
                     out.add(block("up", c=c, size=size))
                 if i == last and space.mid is not None:
-                    for r, a, h in product(
-                        space.mid.resnets.values(), space.mid.attentions.values(), _heads(ls, c)
+                    for r, a, h, where in product(
+                        space.mid.resnets.values(), space.mid.attentions.values(), _heads(ls, c), resolutions
                     ):
-                        out.update(_path(s, [c] * r, None, c, temb, size, spread(a, r), h))
+                        mid_size = size // 2 if where == "half" else size
+                        depths = layer_depths(layout, a, r)
+                        out.update(_path(s, [c] * r, None, c, temb, mid_size, depths, h, single))
+                        if where == "half":
+                            out.add(block("down", c=c, size=size))
+                            out.add(block("up", c=c, size=mid_size))
         for c0 in c0s:
             out.add(block("time", c0=c0))
             out.add(block("conv_in", cin=s.latent_channels, c0=c0, size=s.latent_size))

@@ -15,7 +15,7 @@ MAX_RESNETS = 10  # ResNet layers per down block (SD: 2; Imagen's Efficient U-Ne
 # transformer layers per block (a block's total over its ResNets; SDXL's lowest level: 2 ResNets
 # x 10 = 20 on the down path, 3 x 10 = 30 on the up path)
 MAX_ATTENTIONS = 64
-MAX_MID_RESNETS = MAX_RESNETS  # mid block ResNets (SD: 2; DeciDiffusion 1.0: 4)
+MAX_MID_RESNETS = MAX_RESNETS  # mid block ResNets, all of them (SD: 2; DeciDiffusion 1.0: 5)
 MAX_HEADS = 128  # attention heads (SD 1.5: 8; SDXL: 20 at 1280 channels = 64 per head)
 MAX_LATENT_CHANNELS = 256  # VAE latent channels (SD: 4; SD3 / FLUX: 16; DC-AE f64: 128)
 MAX_LATENT_SIZE = 256  # latent side, pixels / VAE factor (SD 1.5: 64; SDXL: 128 = 1024 px / 8)

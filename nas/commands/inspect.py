@@ -103,6 +103,7 @@ def inspect_arch(args, data_path: Path) -> dict:
         report["latency_table_device"] = table.device.name
     report["levels"] = [lv.model_dump(exclude_none=True) for lv in arch.levels]
     report["mid"] = arch.mid.model_dump() if arch.mid else None
+    report["attention_layout"] = arch.attention_layout
     return report
 
 
@@ -118,6 +119,7 @@ def inspect_space(args, path: Path) -> dict:
         rows.append(
             {
                 "depth": depth,
+                "mid_resolution": large.mid.resolution if large.mid is not None else "same",
                 "smallest": {
                     "params": lo["params"],
                     "macs": lo["macs"],
@@ -167,13 +169,17 @@ def run(args: Settings) -> int:
         print(
             f"  MACs   {_fmt(report['macs_range'][0])} .. {_fmt(report['macs_range'][1])} (attention included)"
         )
+        # a row per depth, and per mid-block resolution where the space has both
+        both = len({r["mid_resolution"] for r in report["per_depth"]}) > 1
+        mid_head = f"  {'mid':>4}" if both else ""
         print(
-            f"  {'depth':>5}  {'smallest params':>15}  {'smallest MACs':>13}  {'largest params':>14}  {'largest MACs':>12}"
+            f"  {'depth':>5}{mid_head}  {'smallest params':>15}  {'smallest MACs':>13}  {'largest params':>14}  {'largest MACs':>12}"
         )
         for r in report["per_depth"]:
             s, big = r["smallest"], r["largest"]
+            mid_col = f"  {r['mid_resolution']:>4}" if both else ""
             print(
-                f"  {r['depth']:>5}  {_fmt(s['params']):>15}  {_fmt(s['macs']):>13}  {_fmt(big['params']):>14}  {_fmt(big['macs']):>12}"
+                f"  {r['depth']:>5}{mid_col}  {_fmt(s['params']):>15}  {_fmt(s['macs']):>13}  {_fmt(big['params']):>14}  {_fmt(big['macs']):>12}"
             )
         return 0
     r = report
@@ -206,7 +212,10 @@ def run(args: Settings) -> int:
             f"  {i:>5}  {lv['channels']:>8}  {lv['resnets']:>7}  {lv['attentions']:>4}  {lv['up_attentions']:>7}"
         )
     mid = r["mid"]
+    where = " at half the lowest level's resolution" if mid and mid["resolution"] == "half" else ""
     print(
-        "  mid: " + (f"{mid['resnets']} ResNets, {mid['attentions']} transformer layers" if mid else "none")
+        "  mid: "
+        + (f"{mid['resnets']} ResNets, {mid['attentions']} transformer layers{where}" if mid else "none")
     )
+    print(f"  attention layout: {r['attention_layout']}")
     return 0

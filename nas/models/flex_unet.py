@@ -16,6 +16,14 @@ a model of this class to (nas/models/__init__.py, `ship_code`), and the class is
 diffusers' `AutoModel` (config.json gets `"auto_map": {"AutoModel": "flex_unet.FlexUNet2DConditionModel"}`),
 so `diffusers.AutoModel.from_pretrained(FOLDER, trust_remote_code=True)` loads such a folder on a
 machine without `nas`.
+
+Two options reproduce DeciDiffusion 1.0's U-Net-NAS (Deci's flexible_unet, published with the model
+at huggingface.co/Deci/DeciDiffusion-v1-0): `single_layer_transformers` builds a depth d after a
+ResNet as d single-layer `Transformer2DModel`s (each with its own GroupNorm and proj_in/proj_out),
+and `mid_block_half_resolution` gives the last down block a downsampler (its output is no skip)
+and the mid block an upsampler, so the mid block works one resolution lower. Deci's mid block
+forward runs its first ResNet twice (it applies `modules_list[0]` and then loops over the whole
+list); that repeat is not reproduced: it adds compute, no weights.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ class FlexBlock(nn.Module):
     """ResNets, each optionally followed by a transformer of its own depth; then a resampler.
 
     `skip_channels` lists, per ResNet, the channels of the skip tensor concatenated to its input
-    (up path) or is None (down path and mid block).
+    (up path) or is None (down path and mid block). `single_layer`: a depth d is d transformers of
+    one layer each instead of one of d layers. `resampled_skip`: the downsampler's output is kept as
+    a skip (every down block but a last one feeding a half-resolution mid block).
     """
 
     _gradient_checkpointing_func: Callable[..., Any]  # set by ModelMixin.enable_gradient_checkpointing
@@ -55,11 +65,14 @@ class FlexBlock(nn.Module):
         use_linear_projection: bool,
         skip_channels: list[int] | None = None,
         resample: str | None = None,  # "down", "up" or None
+        single_layer: bool = False,
+        resampled_skip: bool = True,
     ):
         super().__init__()
         self.resnets = nn.ModuleList()
         self.attentions = nn.ModuleList()
-        self.attention_after: list[int] = []  # index into self.attentions per ResNet, -1 for none
+        self.attention_after: list[list[int]] = []  # indices into self.attentions, per ResNet
+        self.resampled_skip = resampled_skip
         for i, depth in enumerate(depths):
             res_in = in_channels if i == 0 else out_channels
             if skip_channels is not None:
@@ -73,21 +86,20 @@ class FlexBlock(nn.Module):
                     groups=groups,
                 )
             )
-            if depth:
-                self.attention_after.append(len(self.attentions))
+            layers = [1] * depth if single_layer else [depth] if depth else []
+            self.attention_after.append(list(range(len(self.attentions), len(self.attentions) + len(layers))))
+            for num_layers in layers:
                 self.attentions.append(
                     Transformer2DModel(
                         heads,
                         out_channels // heads,
                         in_channels=out_channels,
-                        num_layers=depth,
+                        num_layers=num_layers,
                         cross_attention_dim=cross_attention_dim,
                         norm_num_groups=groups,
                         use_linear_projection=use_linear_projection,
                     )
                 )
-            else:
-                self.attention_after.append(-1)
         self.downsamplers = self.upsamplers = None
         if resample == "down":
             self.downsamplers = nn.ModuleList(
@@ -116,9 +128,8 @@ class FlexBlock(nn.Module):
                 hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, temb)
             else:
                 hidden_states = resnet(hidden_states, temb)
-            if self.attention_after[i] >= 0:
-                attn = self.attentions[self.attention_after[i]]
-                hidden_states = attn(
+            for k in self.attention_after[i]:
+                hidden_states = self.attentions[k](
                     hidden_states,
                     encoder_hidden_states=encoder_hidden_states,
                     return_dict=False,
@@ -127,7 +138,8 @@ class FlexBlock(nn.Module):
             outputs.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)
-            outputs.append(hidden_states)
+            if self.resampled_skip:
+                outputs.append(hidden_states)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)
         return hidden_states, outputs
@@ -140,7 +152,8 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     Per-level lists are ordered highest resolution first. `down_attention[i]` gives one transformer
     depth per down ResNet of level i (0 = no transformer after it); `up_attention[i]` one per up
     ResNet (level i has `down_resnets[i] + 1` up ResNets: one per skip at that resolution);
-    `mid_attention` one per mid ResNet, or None for no mid block.
+    `mid_attention` one per mid ResNet, or None for no mid block. `single_layer_transformers` and
+    `mid_block_half_resolution`: see the module doc (DeciDiffusion's U-Net-NAS).
     """
 
     _supports_gradient_checkpointing = True
@@ -171,6 +184,8 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         flip_sin_to_cos: bool = True,  # SD's timestep embedding convention
         freq_shift: int = 0,
         time_cond_proj_dim: int | None = None,  # read by pipelines (LCM guidance embedding); unused here
+        single_layer_transformers: bool = False,  # depth d = d one-layer transformers (DeciDiffusion)
+        mid_block_half_resolution: bool = False,  # mid block one resolution lower (DeciDiffusion)
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -187,6 +202,8 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 raise ValueError(
                     f"level {i}: need {down_resnets[i]} down and {down_resnets[i] + 1} up depths"
                 )
+        if mid_block_half_resolution and mid_attention is None:
+            raise ValueError("mid_block_half_resolution needs a mid block (mid_attention)")
 
         c0 = block_out_channels[0]
         temb_channels = c0 * 4  # SD: time embedding width = 4 x first level channels
@@ -199,6 +216,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
             groups=norm_num_groups,
             eps=norm_eps,
             use_linear_projection=use_linear_projection,
+            single_layer=single_layer_transformers,
         )
 
         skip_channels = [c0]  # conv_in output is the first skip
@@ -212,7 +230,8 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
                     out,
                     list(down_attention[i]),
                     heads=attention_heads[i],
-                    resample=None if last else "down",
+                    resample="down" if not last or mid_block_half_resolution else None,
+                    resampled_skip=not last,  # the last one's goes to the mid block only
                     **common,
                 )
             )
@@ -221,7 +240,14 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
         self.mid_block = None
         if mid_attention is not None:
-            self.mid_block = FlexBlock(prev, prev, list(mid_attention), heads=attention_heads[-1], **common)
+            self.mid_block = FlexBlock(
+                prev,
+                prev,
+                list(mid_attention),
+                heads=attention_heads[-1],
+                resample="up" if mid_block_half_resolution else None,
+                **common,
+            )
 
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):

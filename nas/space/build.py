@@ -1,12 +1,16 @@
 """Architecture -> diffusers model config -> model.
 
-Where attention layers sit: a block with R ResNets and A transformer layers gives ResNet i a
-transformer of depth d_i right after it, d = `spread(A, R)` (as even as possible, the remainder to
-the earliest ResNets). With every d_i >= 1 this is exactly how `UNet2DConditionModel` lays out a
-cross-attention block (one transformer per ResNet, `transformer_layers_per_block` deep). A block
-with 0 < A < R, a mid block other than (1 ResNet, no attention) or (2 ResNets, 1 transformer of the
-depth the last down block allows) cannot be expressed by the stock class; those points are built as
-`FlexUNet2DConditionModel`, our `ModelMixin` + `ConfigMixin` class made of the same diffusers blocks.
+Where attention layers sit: a block with R ResNets and A transformer layers gives ResNet i d_i
+transformer layers right after it, d = `layer_depths(layout, A, R)`. `stacked` (default):
+d = `spread(A, R)` (as even as possible, the remainder to the earliest ResNets), the d_i layers in
+one transformer; with every d_i >= 1 this is exactly how `UNet2DConditionModel` lays out a
+cross-attention block (one transformer per ResNet, `transformer_layers_per_block` deep).
+`interleaved` (DeciDiffusion's U-Net-NAS): one layer after each ResNet in turn, the surplus after
+the last one, each layer a transformer of its own. A block with 0 < A < R, a transformer split into
+single layers, a mid block other than (1 ResNet, no attention) or (2 ResNets, 1 transformer of the
+depth the last down block allows), or a mid block at half resolution cannot be expressed by the
+stock class; those points are built as `FlexUNet2DConditionModel`, our `ModelMixin` + `ConfigMixin`
+class made of the same diffusers blocks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,18 @@ def spread(total: int, slots: int) -> list[int]:
     """Split `total` layers over `slots` positions as evenly as possible, earliest first."""
     base, extra = divmod(total, slots)
     return [base + (1 if i < extra else 0) for i in range(slots)]
+
+
+def interleave(total: int, slots: int) -> list[int]:
+    """One layer after each of the first `slots - 1` positions in turn, the rest after the last:
+    `itertools.zip_longest(resnets, attentions)` in Deci's flexible_unet."""
+    head = [1 if i < total else 0 for i in range(slots - 1)]
+    return [*head, max(0, total - (slots - 1))]
+
+
+def layer_depths(layout: str, total: int, slots: int) -> list[int]:
+    """Transformer layers after each of `slots` ResNets for `total` layers (see the module doc)."""
+    return interleave(total, slots) if layout == "interleaved" else spread(total, slots)
 
 
 def load_arch(path) -> Arch:
@@ -53,12 +69,18 @@ def _common(arch: Arch) -> dict[str, Any]:
 
 def stock_config(arch: Arch) -> dict[str, Any] | None:
     """Config for diffusers' `UNet2DConditionModel`, or None if the stock class cannot express it."""
+    if arch.mid is not None and arch.mid.resolution == "half":
+        return None  # the stock mid block works at the lowest level's resolution
+    layout = arch.attention_layout
     down: list[list[int] | None] = []
     up: list[list[int] | None] = []
     for lv in arch.levels:
-        d, u = spread(lv.attentions, lv.resnets), spread(lv.up_attentions, lv.resnets + 1)
+        d = layer_depths(layout, lv.attentions, lv.resnets)
+        u = layer_depths(layout, lv.up_attentions, lv.resnets + 1)
         if (lv.attentions and min(d) == 0) or (lv.up_attentions and min(u) == 0):
             return None  # fewer transformer layers than ResNets: stock pairs one with each ResNet
+        if layout == "interleaved" and max(d + u) > 1:
+            return None  # single-layer transformers: stock has one (deep) transformer per ResNet
         down.append(d if lv.attentions else None)
         up.append(u if lv.up_attentions else None)
 
@@ -68,6 +90,8 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
     elif (arch.mid.resnets, arch.mid.attentions) == (1, 0):
         mid_type = "UNetMidBlock2D"
     elif arch.mid.resnets == 2 and arch.mid.attentions >= 1:
+        if layout == "interleaved" and arch.mid.attentions > 1:
+            return None  # interleaved puts the second layer after the second ResNet
         mid_type, mid_depth = "UNetMidBlock2DCrossAttn", arch.mid.attentions
     else:
         return None
@@ -135,17 +159,23 @@ def _heads_per_level(arch: Arch) -> list[int]:
 def flex_config(arch: Arch) -> dict[str, Any]:
     """Config for `nas.models.FlexUNet2DConditionModel` (expresses every point of every space)."""
     config = _common(arch)
+    layout = arch.attention_layout
     config.update(
         {
             "down_resnets": [lv.resnets for lv in arch.levels],
-            "down_attention": [spread(lv.attentions, lv.resnets) for lv in arch.levels],
-            "up_attention": [spread(lv.up_attentions, lv.resnets + 1) for lv in arch.levels],
+            "down_attention": [layer_depths(layout, lv.attentions, lv.resnets) for lv in arch.levels],
+            "up_attention": [layer_depths(layout, lv.up_attentions, lv.resnets + 1) for lv in arch.levels],
             "attention_heads": _heads_per_level(arch),
             "mid_attention": (
-                spread(arch.mid.attentions, arch.mid.resnets) if arch.mid is not None else None
+                layer_depths(layout, arch.mid.attentions, arch.mid.resnets) if arch.mid is not None else None
             ),
         }
     )
+    # Keys only where they differ from the class defaults: configs of other points stay as they were.
+    if layout == "interleaved":
+        config["single_layer_transformers"] = True
+    if arch.mid is not None and arch.mid.resolution == "half":
+        config["mid_block_half_resolution"] = True
     return config
 
 

@@ -86,6 +86,7 @@ def _cat(chooser: Chooser, name: str, choices: list[Any]) -> Any:
 def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch:
     """Draw one architecture (define-by-run). Fixed values (single choice) are not suggested."""
     depth = _int(chooser, "depth", space.depth)
+    layout = _cat(chooser, "attention_layout", space.attention_layout)
     levels = []
     for i in range(depth):
         ls: LevelSpace = space.levels[i]
@@ -108,6 +109,7 @@ def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch
             mid = {
                 "resnets": _int(chooser, "mid.resnets", space.mid.resnets),
                 "attentions": _int(chooser, "mid.attentions", space.mid.attentions),
+                "resolution": _cat(chooser, "mid.resolution", space.mid.resolution),
             }
     # Heads last: a level needs them if it has attention, the lowest one also for the mid block's.
     for i, level in enumerate(levels):
@@ -115,10 +117,11 @@ def sample_arch(space: Space, chooser: Chooser, name: str | None = None) -> Arch
         if needs_heads(level, mid if i == depth - 1 else None):
             level[ls.head_key] = _cat(chooser, f"l{i}.{ls.head_key}", ls.head_choices)
     data = {
-        "name": name or f"{space.name}-{arch_digest(levels, mid)}",
+        "name": name or f"{space.name}-{arch_digest(levels, mid, layout)}",
         "settings": space.settings.model_dump(),
         "levels": levels,
         "mid": mid,
+        "attention_layout": layout,
     }
     return validate(Arch, data, f"space {space.name}: sampled architecture")
 
@@ -129,11 +132,14 @@ def needs_heads(level: dict[str, Any], mid: dict[str, Any] | None) -> bool:
     return bool(level["attentions"] or level["up_attentions"] or (mid and mid["attentions"]))
 
 
-def arch_digest(levels: list[dict], mid: dict | None) -> str:
-    """Short readable id: channels/resnets/attn per level, e.g. 32r1a0-64r2a1_m1a1."""
+def arch_digest(levels: list[dict], mid: dict | None, layout: str = "stacked") -> str:
+    """Short readable id: channels/resnets/attn per level, e.g. 32r1a0-64r2a1_m1a1; `h` after the
+    mid block at half resolution, `_i` for the interleaved layout (defaults add nothing)."""
     parts = [f"{lv['channels']}r{lv['resnets']}a{lv['attentions']}u{lv['up_attentions']}" for lv in levels]
     tail = f"m{mid['resnets']}a{mid['attentions']}" if mid else "nomid"
-    return "-".join(parts) + "_" + tail
+    if mid and mid.get("resolution", "same") == "half":
+        tail += "h"
+    return "-".join(parts) + "_" + tail + ("_i" if layout == "interleaved" else "")
 
 
 def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> dict[str, Any]:
@@ -149,6 +155,12 @@ def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> 
         )
     if space.depth.min != space.depth.max:
         params["depth"] = depth
+    if arch.attention_layout not in space.attention_layout:
+        raise NasError(
+            f"{source}: attention_layout {arch.attention_layout} is outside the space"
+            f" (allowed: {', '.join(space.attention_layout)})"
+        )
+    params["attention_layout"] = arch.attention_layout
     for i, (lv, ls) in enumerate(zip(arch.levels, space.levels)):
         params[f"l{i}.channels"] = lv.channels
         params[f"l{i}.resnets"] = lv.resnets
@@ -176,6 +188,7 @@ def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> 
         if arch.mid is not None:
             params["mid.resnets"] = arch.mid.resnets
             params["mid.attentions"] = arch.mid.attentions
+            params["mid.resolution"] = arch.mid.resolution
     chooser = FixedChoices(params, source)
     rebuilt = sample_arch(space, chooser, name=arch.name)
     if canonical(rebuilt) != canonical(arch):
@@ -219,24 +232,34 @@ def space_size(space: Space) -> int:
     if space.mid is not None:
         m = space.mid
         no_attention = int(m.attentions.min == 0)
-        mid_plain = int(m.optional) + _span(m.resnets) * no_attention
-        mid_attention = _span(m.resnets) * (_span(m.attentions) - no_attention)
+        places = len(m.resolution)
+        mid_plain = int(m.optional) + _span(m.resnets) * no_attention * places
+        mid_attention = _span(m.resnets) * (_span(m.attentions) - no_attention) * places
     counts = [_level_counts(ls) for ls in space.levels]
     total = 0
     for depth in space.depth.values():
         upper = prod(plain for plain, _ in counts[: depth - 1])
         plain, always = counts[depth - 1]
         total += upper * (mid_plain * plain + mid_attention * always)
-    return total
+    # Each layout is counted as its own point, also where it builds the same model (no attention,
+    # or at most one layer per ResNet).
+    return total * len(space.attention_layout)
 
 
 def extreme_archs(space: Space) -> list[tuple[int, Arch, Arch]]:
-    """(depth, smallest, largest) per depth: every cost grows with each choice, so the smallest
-    point of a depth takes every minimum and the largest every maximum."""
+    """(depth, smallest, largest) per depth and mid resolution: every cost grows with each count,
+    channel and the interleaved layout (one GroupNorm and two projections per layer), so the
+    smallest point takes every minimum and `stacked`, the largest every maximum and `interleaved`.
+    A half-resolution mid block has more weights (a downsampler and an upsampler) but fewer MACs
+    than the same block at full resolution, so each mid resolution of the space gets its own pair."""
     out = []
-    for depth in space.depth.values():
-        lo = {"depth": depth, "mid": False}
-        hi = {"depth": depth, "mid": True}
+    layouts = space.attention_layout
+    resolutions = space.mid.resolution if space.mid is not None else ["same"]
+    for depth, resolution in ((d, r) for d in space.depth.values() for r in resolutions):
+        lo: dict[str, Any] = {"depth": depth, "mid": False, "mid.resolution": resolution}
+        hi: dict[str, Any] = {"depth": depth, "mid": True, "mid.resolution": resolution}
+        lo["attention_layout"] = "stacked" if "stacked" in layouts else layouts[0]
+        hi["attention_layout"] = "interleaved" if "interleaved" in layouts else layouts[0]
         for i in range(depth):
             ls = space.levels[i]
             lo.update(
@@ -263,8 +286,9 @@ def extreme_archs(space: Space) -> list[tuple[int, Arch, Arch]]:
             lo.update({"mid.resnets": space.mid.resnets.min, "mid.attentions": space.mid.attentions.min})
             hi.update({"mid.resnets": space.mid.resnets.max, "mid.attentions": space.mid.attentions.max})
             lo["mid"] = not space.mid.optional
-        smallest = sample_arch(space, _Lenient(lo), name=f"{space.name}-smallest-d{depth}")
-        largest = sample_arch(space, _Lenient(hi), name=f"{space.name}-largest-d{depth}")
+        tag = f"d{depth}" + ("" if resolution == "same" else f"-mid-{resolution}")
+        smallest = sample_arch(space, _Lenient(lo), name=f"{space.name}-smallest-{tag}")
+        largest = sample_arch(space, _Lenient(hi), name=f"{space.name}-largest-{tag}")
         out.append((depth, smallest, largest))
     return out
 

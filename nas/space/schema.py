@@ -4,7 +4,12 @@ Levels are listed highest resolution first. Level i works at latent_size / 2**i.
 level has `resnets` ResNet layers and `attentions` transformer layers; on the up path it has
 `resnets + 1` ResNet layers (one per skip connection at that resolution, as in every SD U-Net) and
 `up_attentions` transformer layers. ResNet and attention counts are independent (DeciDiffusion's
-U-Net-NAS); see nas/space/build.py for where attention layers sit.
+U-Net-NAS); see nas/space/build.py for where attention layers sit (`attention_layout`).
+
+Two optional keys reproduce DeciDiffusion 1.0's U-Net-NAS exactly (Deci's flexible_unet, published
+with the model at huggingface.co/Deci/DeciDiffusion-v1-0): `attention_layout: interleaved` and the
+mid block's `resolution: half`. Their defaults (`stacked`, `same`) are the SD wiring every file
+without them means.
 """
 
 from __future__ import annotations
@@ -17,6 +22,19 @@ from nas import limits as L
 from nas.config import Strict
 
 METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and budgets may name
+
+# How a block's transformer layers sit among its ResNets (nas/space/build.py `layer_depths`):
+# stacked: spread over the ResNets as evenly as possible, the layers after one ResNet in one
+#   Transformer2DModel (SD 1.5, SDXL; the default);
+# interleaved: single-layer Transformer2DModels alternating with the ResNets, any surplus after the
+#   last ResNet (DeciDiffusion's U-Net-NAS: each with its own GroupNorm and proj_in/proj_out).
+AttentionLayout = Literal["stacked", "interleaved"]
+ATTENTION_LAYOUTS = ("stacked", "interleaved")
+# Where the mid block works: same: at the lowest level's resolution (SD); half: one resolution lower,
+# the lowest level then ends with a downsampler (its output not a skip) and the mid block with an
+# upsampler (DeciDiffusion's U-Net-NAS: 8x8 for 64x64 latents).
+MidResolution = Literal["same", "half"]
+MID_RESOLUTIONS = ("same", "half")
 
 
 class Settings(Strict):
@@ -80,6 +98,12 @@ def _positive_unique(values: list[int], what: str, high: int) -> list[int]:
     return values
 
 
+def _unique_names(values: list[str], what: str, allowed: tuple[str, ...]) -> list[str]:
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{what}: give each choice once, at least one (allowed: {', '.join(allowed)})")
+    return values
+
+
 class LevelSpace(Strict):
     """The choices for one resolution level."""
 
@@ -121,12 +145,18 @@ class MidSpace(Strict):
     resnets: IntRange = IntRange(min=2, max=2)  # SD 1.5: 2 ResNets around one transformer
     attentions: IntRange = IntRange(min=1, max=1)
     optional: bool = False  # may the search drop the mid block altogether?
+    resolution: list[MidResolution] = ["same"]  # choices (see MidResolution); a point's mid takes one
 
     @field_validator("resnets", "attentions")
     @classmethod
     def _ranges(cls, v: IntRange, info) -> IntRange:
         # resnets.min >= 1: use optional: true to allow no mid block
         return _within(v, info.field_name, *MID_LIMITS[info.field_name])
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolutions(cls, v: list[str]) -> list[str]:
+        return _unique_names(v, "resolution", MID_RESOLUTIONS)
 
 
 class Objective(Strict):
@@ -206,6 +236,7 @@ class Space(Strict):
     # one entry per level up to depth.max, highest resolution first
     levels: list[LevelSpace] = Field(max_length=L.MAX_LEVELS)
     mid: MidSpace | None = MidSpace()  # null: no mid block in any point
+    attention_layout: list[AttentionLayout] = ["stacked"]  # choices (see AttentionLayout)
     objectives: list[Objective] = [Objective(metric="proxy_loss"), Objective(metric="latency_ms")]
     budgets: Budgets = Budgets()
     latency: LatencySetup = LatencySetup()
@@ -217,7 +248,16 @@ class Space(Strict):
         data = self.model_dump(mode="json", exclude_none=True)
         if self.mid is None:
             data["mid"] = None
+        elif self.mid.resolution == ["same"]:
+            del data["mid"]["resolution"]  # the default: files written stay as they were
+        if self.attention_layout == ["stacked"]:
+            del data["attention_layout"]
         return data
+
+    @field_validator("attention_layout")
+    @classmethod
+    def _layouts(cls, v: list[str]) -> list[str]:
+        return _unique_names(v, "attention_layout", ATTENTION_LAYOUTS)
 
     @field_validator("depth")
     @classmethod
@@ -231,10 +271,13 @@ class Space(Strict):
                 f"levels: give one entry per level up to depth.max={self.depth.max}, got {len(self.levels)}"
             )
         s = self.settings
-        factor = 2 ** (self.depth.max - 1)
+        half = self.mid is not None and "half" in self.mid.resolution  # one resolution more
+        factor = 2 ** (self.depth.max - (0 if half else 1))
         if s.latent_size % factor:
             raise ValueError(
-                f"settings.latent_size={s.latent_size} must be divisible by 2**(depth.max-1)={factor}"
+                f"settings.latent_size={s.latent_size} must be divisible by"
+                f" 2**(depth.max{'' if half else '-1'})={factor}"
+                + (" (mid.resolution half works one resolution below the last level)" if half else "")
             )
         for i, level in enumerate(self.levels):
             for c in level.channels:
@@ -286,8 +329,9 @@ class ArchLevel(Strict):
 
 
 class ArchMid(Strict):
-    resnets: int = Field(2, ge=1, le=L.MAX_MID_RESNETS)
+    resnets: int = Field(2, ge=1, le=L.MAX_MID_RESNETS)  # every ResNet of the block
     attentions: int = Field(1, ge=0, le=L.MAX_ATTENTIONS)
+    resolution: MidResolution = "same"  # half: one resolution below the last level (see MidResolution)
 
 
 class Arch(Strict):
@@ -297,24 +341,32 @@ class Arch(Strict):
     settings: Settings = Settings()
     levels: list[ArchLevel] = Field(min_length=1, max_length=L.MAX_LEVELS)  # highest resolution first
     mid: ArchMid | None = ArchMid()  # null: no mid block (a missing key means the SD-style default)
+    attention_layout: AttentionLayout = "stacked"  # see AttentionLayout
 
     def to_data(self) -> dict[str, Any]:
-        """Plain data for YAML/JSON: unset head fields dropped, `mid: null` kept (it means no mid)."""
+        """Plain data for YAML/JSON: unset head fields and the default layout keys dropped (files
+        written stay as they were before those keys existed), `mid: null` kept (it means no mid)."""
         data = self.model_dump(mode="json")
         for level in data["levels"]:
             for key in ("heads", "head_dim"):
                 if level[key] is None:
                     del level[key]
+        if data["mid"] is not None and data["mid"]["resolution"] == "same":
+            del data["mid"]["resolution"]
+        if data["attention_layout"] == "stacked":
+            del data["attention_layout"]
         return data
 
     @model_validator(mode="after")
     def _buildable(self) -> Arch:
         s = self.settings
-        factor = 2 ** (len(self.levels) - 1)
+        half = self.mid is not None and self.mid.resolution == "half"  # one resolution more
+        factor = 2 ** (len(self.levels) - (0 if half else 1))
         if s.latent_size % factor:
             raise ValueError(
-                f"settings.latent_size={s.latent_size} must be divisible by 2**(levels-1)={factor}"
-                f" for {len(self.levels)} levels"
+                f"settings.latent_size={s.latent_size} must be divisible by"
+                f" 2**(levels{'' if half else '-1'})={factor} for {len(self.levels)} levels"
+                + (" and mid.resolution half" if half else "")
             )
         for i, level in enumerate(self.levels):
             if level.channels % s.norm_num_groups:
