@@ -172,6 +172,7 @@ class _Slicer:
     def __init__(self, steps: list[TensorStep], teacher_sd: dict, t_sizes: dict, s_sizes: dict):
         self.t_sizes, self.s_sizes = t_sizes, s_sizes
         self.importance: dict[str, torch.Tensor] = {}
+        self.kept: dict[tuple[str, int, int], torch.Tensor] = {}
         seen = set()
         for step in steps:
             if step.teacher is None or step.teacher in seen:
@@ -188,9 +189,12 @@ class _Slicer:
                 offset += n
 
     def keep(self, group: str, total: int, n: int) -> torch.Tensor:
-        score = self.importance.get(group, torch.zeros(total))
-        order = sorted(range(total), key=lambda c: (-float(score[c]), c))  # ties: lower index first
-        return torch.tensor(sorted(order[:n]), dtype=torch.long)
+        key = (group, total, n)
+        if key not in self.kept:
+            score = self.importance.get(group, torch.zeros(total))
+            order = torch.argsort(-score, stable=True)  # stable: ties keep the lower index
+            self.kept[key] = order[:n].sort().values
+        return self.kept[key]
 
     def index(self, step: TensorStep, dim: int, t_dim: int, s_dim: int) -> torch.Tensor:
         t_groups = parts(step.unit, step.teacher, teacher_side=True)[dim]  # type: ignore[arg-type]

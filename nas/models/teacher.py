@@ -135,6 +135,9 @@ def _stock_levels(config: dict, channels: list[int], where: str):
         config.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block", where
     )
     reverse = config.get("reverse_transformer_layers_per_block")
+    if reverse is None and any(isinstance(entry, list | tuple) for entry in layers):
+        raise NasError(f"{where}: reverse_transformer_layers_per_block is required when "
+                       "transformer_layers_per_block lists per-ResNet depths (as diffusers requires)")  # fmt: skip
     up_layers = list(reversed(reverse)) if reverse is not None else layers
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     heads = [int(h) for h in _per_level(heads, n, "attention_head_dim", where)]
@@ -200,7 +203,7 @@ def _unet_folder(path: Path, what: str) -> tuple[Path, Arch | None]:
     from nas.runfolder import ARCH, CONFIG
 
     if not path.exists():
-        raise NasError(f"{path}: {what} not found")
+        raise NasError(f"{path}: {what} folder not found")
     if not path.is_dir():
         raise NasError(f"{path}: {what} must be a folder (run, U-Net or pipeline folder)")
     if (path / CONFIG).is_file() and not (path / "config.json").is_file():  # a `nas train` run
