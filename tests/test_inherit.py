@@ -26,7 +26,8 @@ def sd_like(channels=(32, 64, 64, 64), resnets=2, mid=True, levels=4, settings=N
         for i in range(levels)
     ]  # fmt: skip
     s = SMALL if settings is None else settings
-    return arch_from_dict({"name": "sd", "settings": s, "levels": lv, "mid": {"resnets": 2, "attentions": 1} if mid else None})  # fmt: skip
+    mid_block = {"resnets": 2, "attentions": 1} if mid else None
+    return arch_from_dict({"name": "sd", "settings": s, "levels": lv, "mid": mid_block})
 
 
 def tiny(levels, mid=(2, 1)):
@@ -36,7 +37,8 @@ def tiny(levels, mid=(2, 1)):
         for c, r, a, u in levels
     ]
     s = {**SMALL, "latent_size": 8}
-    return arch_from_dict({"name": "t", "settings": s, "levels": lv, "mid": None if mid is None else dict(zip(("resnets", "attentions"), mid))})  # fmt: skip
+    mid_block = None if mid is None else {"resnets": mid[0], "attentions": mid[1]}
+    return arch_from_dict({"name": "t", "settings": s, "levels": lv, "mid": mid_block})
 
 
 BK = {
@@ -310,5 +312,6 @@ def test_cli_writes_a_loadable_student_and_nothing_on_error(tmp_path, capsys):
     assert loaded.config.block_out_channels == [16, 16]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**data, "settings": {**data["settings"], "cross_attention_dim": 32}}))
-    assert main(["inherit", "--teacher", str(tmp_path / "teacher"), "--arch", str(bad), "--out", str(tmp_path / "o2")]) == 2  # fmt: skip
+    argv = ["inherit", "--teacher", str(tmp_path / "teacher"), "--arch", str(bad)]
+    assert main([*argv, "--out", str(tmp_path / "o2")]) == 2
     assert "cross_attention_dim" in capsys.readouterr().err and not (tmp_path / "o2").exists()

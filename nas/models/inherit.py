@@ -155,12 +155,16 @@ def tensor_plan(
     return steps
 
 
+# the residual branches' last projections of a transformer layer (self-attention, cross-attention, MLP)
+NEW_BLOCK_ZEROED = re.compile(r"transformer_blocks\.\d+\.(attn1\.to_out\.0|attn2\.to_out\.0|ff\.net\.2)\.\w+")
+
+
 def _zeroed(unit: Unit, name: str) -> bool:
     """Is `name` a tensor an identity init sets (the last projection of a new residual branch)?"""
     local = name[len(unit.student) + 1 :]
     if unit.teacher is None:
         return local.split(".")[0] in {"conv2", "conv_shortcut", "proj_out"}
-    return re.fullmatch(r"transformer_blocks\.\d+\.(attn1\.to_out\.0|attn2\.to_out\.0|ff\.net\.2)\.\w+", local) is not None  # fmt: skip
+    return NEW_BLOCK_ZEROED.fullmatch(local) is not None
 
 
 # ---- executing it --------------------------------------------------------------------------------
@@ -232,7 +236,10 @@ class InheritReport:
         counts = self.counts()
         total = sum(p for _, p in counts.values())
         body = ", ".join(f"{t} {s} ({p / 1e6:.2f}M)" for s, (t, p) in counts.items() if t)
-        return f"{len(self.steps)} tensors, {total / 1e6:.2f}M params: {body}; {len(self.dropped)} teacher layers dropped"
+        dropped = len(self.dropped)
+        return (
+            f"{len(self.steps)} tensors, {total / 1e6:.2f}M params: {body}; {dropped} teacher layers dropped"
+        )
 
     def to_markdown(self, title: str = "Weight inheritance") -> str:
         lines = [f"# {title}", "", self.summary(), "", f"Narrower levels: `{self.narrow}`.", "",
@@ -281,9 +288,9 @@ def inherit(
     for step in steps:
         target = student_sd[step.student]
         if step.status == "copied":
-            target.copy_(teacher_sd[step.teacher])
+            target.copy_(teacher_sd[str(step.teacher)])
         elif step.status == "sliced":
-            value = teacher_sd[step.teacher]
+            value = teacher_sd[str(step.teacher)]
             for dim in range(min(2, value.ndim)):
                 if value.shape[dim] != target.shape[dim]:
                     idx = slicer.index(step, dim, value.shape[dim], target.shape[dim])  # type: ignore[union-attr]

@@ -78,7 +78,7 @@ def layout(arch: Arch) -> dict[tuple[str, int], Block]:
     skips = [stream(0)]  # conv_in's output is the first skip
     prev = stream(0)
     for i, lv in enumerate(arch.levels):
-        inputs = []
+        inputs: list[tuple[str, ...]] = []
         for _ in range(lv.resnets):
             inputs.append((prev,))
             prev = stream(i)
@@ -181,9 +181,9 @@ def plan(teacher: Arch, student: Arch) -> Plan:
             sa = sb.attention_index(j)
             if sa is None:
                 continue
-            ta = None if tb is None or tj is None else tb.attention_index(tj)
-            t_att = None if ta is None else f"{tb.path}.attentions.{ta}"  # type: ignore[union-attr]
-            chosen = keep_down(tb.depths[tj], sb.depths[j]) if t_att is not None else []  # type: ignore[index]
+            t_att, chosen = None, []
+            if tb is not None and tj is not None and (ta := tb.attention_index(tj)) is not None:
+                t_att, chosen = f"{tb.path}.attentions.{ta}", keep_down(tb.depths[tj], sb.depths[j])
             units.append(
                 Unit(f"{sb.path}.attentions.{sa}", t_att, "attention", stream(sb.level), blocks=chosen)
             )
@@ -192,7 +192,8 @@ def plan(teacher: Arch, student: Arch) -> Plan:
                 raise NasError(
                     f"{sb.path}.{sb.resampler}: the teacher has no such resampler at level {sb.level}"
                 )
-            units.append(Unit(f"{sb.path}.{sb.resampler}", f"{tb.path}.{tb.resampler}", "resampler", stream(sb.level)))  # fmt: skip
+            s_res, t_res = f"{sb.path}.{sb.resampler}", f"{tb.path}.{tb.resampler}"
+            units.append(Unit(s_res, t_res, "resampler", stream(sb.level)))
     for u in units:
         if u.teacher is not None:
             used.add(u.teacher)

@@ -146,7 +146,8 @@ def _stock_levels(config: dict, channels: list[int], where: str):
         raise NasError(f"{where}: down_block_types and up_block_types need one entry per level ({n})")
     levels = []
     for i in range(n):
-        for field, kind, table in (("down_block_types", down_types[i], DOWN_TYPES), ("up_block_types", up_types[i], UP_TYPES)):  # fmt: skip
+        kinds = (("down_block_types", down_types[i], DOWN_TYPES), ("up_block_types", up_types[i], UP_TYPES))
+        for field, kind, table in kinds:
             if kind not in table:
                 raise NasError(f"{where}: {field} {kind!r} cannot be expressed (allowed: {', '.join(table)})")
         down = _depths(layers[i], resnets[i], "transformer_layers_per_block", where)
@@ -167,7 +168,8 @@ def _stock_levels(config: dict, channels: list[int], where: str):
     if STOCK_MIDS[mid_type] == "plain":
         mid = {"resnets": 1, "attentions": 0}
     elif STOCK_MIDS[mid_type] == "cross":  # as deep as the last down block's first transformer
-        mid = {"resnets": 2, "attentions": _depths(layers[-1], resnets[-1], "transformer_layers_per_block", where)[0]}  # fmt: skip
+        depth = _depths(layers[-1], resnets[-1], "transformer_layers_per_block", where)[0]
+        mid = {"resnets": 2, "attentions": depth}
     return levels, mid, heads
 
 
