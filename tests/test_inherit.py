@@ -315,3 +315,12 @@ def test_cli_writes_a_loadable_student_and_nothing_on_error(tmp_path, capsys):
     argv = ["inherit", "--teacher", str(tmp_path / "teacher"), "--arch", str(bad)]
     assert main([*argv, "--out", str(tmp_path / "o2")]) == 2
     assert "cross_attention_dim" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_a_shallower_transformer_keeps_the_first_layers():
+    t_arch, s_arch = tiny([(16, 1, 2, 4), (32, 1, 0, 0)]), tiny([(16, 1, 1, 2), (32, 1, 0, 0)])
+    the_plan = plan(t_arch, s_arch)
+    assert [u.blocks for u in the_plan.units if u.kind == "attention"] == [[0], [0], [0], [0]]
+    assert "down_blocks.0.attentions.0.transformer_blocks.1" in the_plan.dropped
+    teacher, student = build_unet(t_arch), build_unet(s_arch)
+    assert inherit(teacher, t_arch, student, s_arch).counts()["copied"][0] == len(student.state_dict())

@@ -168,7 +168,7 @@ def plan(teacher: Arch, student: Arch) -> Plan:
     for key, sb in s_blocks.items():
         tb = t_blocks.get(key)
         if tb is None:  # only the mid block can be missing at a level both have
-            notes.append(f"{sb.path}: the teacher has none; new, identity-initialised")
+            notes.append(f"{sb.path}: the teacher has none at level {sb.level}; new, identity-initialised")
             choice: list[int | None] = [None] * len(sb.depths)
         else:
             rule = keep_up if sb.side == "up" else keep_down
@@ -203,4 +203,9 @@ def plan(teacher: Arch, student: Arch) -> Plan:
         names += [f"{tb.path}.attentions.{a}" for a in range(sum(1 for d in tb.depths if d))]
         names += [f"{tb.path}.{tb.resampler}"] if tb.resampler else []
         dropped += [n for n in names if n not in used]
+        for j, depth in enumerate(tb.depths):  # transformer layers of an inherited transformer left out
+            att = f"{tb.path}.attentions.{tb.attention_index(j)}"
+            kept = {m for u in units if u.teacher == att for m in u.blocks}
+            if att in used:
+                dropped += [f"{att}.transformer_blocks.{m}" for m in range(depth) if m not in kept]
     return Plan(units, dropped, notes)
