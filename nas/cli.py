@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vae": ("nas.commands.vae", "train a small AutoencoderKL for low-resolution data"),
     "precompute": ("nas.commands.precompute", "encode a dataset once into a resumable latent cache"),
     "sample": ("nas.commands.sample", "draw images from a trained run (PNG, JSON sidecars, grid)"),
+    "inherit": ("nas.commands.inherit", "start a student U-Net from a trained teacher (weight inheritance)"),
     "export-pipeline": (
         "nas.commands.export_pipeline",
         "write a run as a diffusers StableDiffusionPipeline folder",
