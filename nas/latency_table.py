@@ -237,7 +237,7 @@ def fit_correction(points: list[FitPoint], model: str = DEFAULT_CORRECTION) -> F
     ratio = statistics.median(p.measured_p90_ms / p.measured_ms for p in points) if points else 1.0
     mape = statistics.fmean(abs(p.error_pct) for p in fitted) if fitted else 0.0
     return Fit(
-        model=model,  # type: ignore[arg-type]
+        model=model,
         slope=slope,
         intercept_ms=intercept,
         p90_ratio=ratio,
@@ -397,8 +397,8 @@ def device_info(device: str) -> DeviceInfo:
 
 def summary(table: LatencyTable) -> str:
     kinds = describe(parse_key(k) for k in table.blocks)
-    loo = table.fit.loo_abs_error_pct
-    loo = "" if loo is None else f", {loo:.1f}% on each left out"
+    loo_pct = table.fit.loo_abs_error_pct
+    loo = "" if loo_pct is None else f", {loo_pct:.1f}% on each left out"
     return (
         f"{len(table.blocks)} blocks ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}) on"
         f" {table.device.name}, {table.setup.dtype}, batch {table.setup.batch}; correction"

@@ -153,7 +153,7 @@ def _absolute_paths(data: dict, folder: Path) -> dict:
             data[key] = str((folder / data[key]).resolve())
     distill = data.get("distill")
     teacher = distill.get("teacher") if isinstance(distill, dict) else None
-    if isinstance(teacher, str) and not Path(teacher).is_absolute():
+    if isinstance(distill, dict) and isinstance(teacher, str) and not Path(teacher).is_absolute():
         distill["teacher"] = str((folder / teacher).resolve())
     return data
 

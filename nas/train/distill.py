@@ -76,7 +76,8 @@ def block_table(net: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
     for i, block in enumerate(getattr(net, "down_blocks", None) or []):
         table[f"down.{i}"] = (f"down_blocks.{i}", block)
     if getattr(net, "mid_block", None) is not None:
-        table["mid"] = ("mid_block", net.mid_block)
+        mid: torch.nn.Module = net.mid_block  # type: ignore[assignment]
+        table["mid"] = ("mid_block", mid)
     ups = list(getattr(net, "up_blocks", None) or [])
     for j, block in enumerate(ups):
         table[f"up.{len(ups) - 1 - j}"] = (f"up_blocks.{j}", block)
@@ -236,7 +237,7 @@ class Distiller:
         if self.student_tap is not None:
             terms["kd_feat"] = self._feature_loss(prediction)
         weights = {"task": self.weights.task, "kd_out": self.weights.output, "kd_feat": self.weights.feature}
-        total = sum(weights[k] * v for k, v in terms.items())
+        total = torch.stack([weights[k] * v for k, v in terms.items()]).sum()
         for key, value in terms.items():
             self._sums[key] = self._sums.get(key, 0) + value.detach()
         self._micro += 1
