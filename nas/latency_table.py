@@ -403,7 +403,7 @@ def summary(table: LatencyTable) -> str:
         f"{len(table.blocks)} blocks ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}) on"
         f" {table.device.name}, {table.setup.dtype}, batch {table.setup.batch}; correction"
         f" {table.fit.slope:.3f} x blocks + {table.fit.intercept_ms:.3f} ms over {len(table.fit.points)}"
-        f" networks (mean |error| {table.fit.mean_abs_error_pct:.1f}%)"
+        f" networks ({table.fit.model}; mean |error| {table.fit.mean_abs_error_pct:.1f}%{loo})"
     )
 
 

@@ -131,6 +131,26 @@ def test_a_level_the_teacher_lacks_is_refused():
         plan(sd_like(), sd_like(settings={**SMALL, "cross_attention_dim": 64}))
 
 
+@pytest.mark.parametrize("role", ["teacher", "student"])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"attention_layout": "interleaved"}, "attention_layout"),
+        ({"mid_resolution": "half"}, "mid.resolution"),
+    ],
+)
+def test_decidiffusion_layouts_are_refused_by_name(role, change, needle):
+    data = sd_like(levels=3).to_data()
+    if "attention_layout" in change:
+        data["attention_layout"] = change["attention_layout"]
+    else:
+        data["mid"] = {**data["mid"], "resolution": change["mid_resolution"]}
+    other, changed = sd_like(levels=3), arch_from_dict(data)
+    teacher, student = (changed, other) if role == "teacher" else (other, changed)
+    with pytest.raises(NasError, match=rf"{needle}: the {role} has"):
+        plan(teacher, student)
+
+
 # ---- weights -------------------------------------------------------------------------------------
 
 

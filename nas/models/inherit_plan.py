@@ -152,6 +152,15 @@ def check_compatible(teacher: Arch, student: Arch) -> None:
             raise NasError(
                 f"settings.{name}: the student has {s}, the teacher {t}; they must match to inherit"
             )
+    for role, arch in (("teacher", teacher), ("student", student)):
+        # DeciDiffusion's layouts change module structure (one Transformer2DModel per layer, a
+        # mid block one resolution lower); the selection rule below is written for the default ones
+        if arch.attention_layout != "stacked":
+            raise NasError(f"attention_layout: the {role} has {arch.attention_layout!r}; inheritance "
+                           "supports only 'stacked' (the default) so far")  # fmt: skip
+        if arch.mid is not None and arch.mid.resolution != "same":
+            raise NasError(f"mid.resolution: the {role} has {arch.mid.resolution!r}; inheritance "
+                           "supports only 'same' (the default) so far")  # fmt: skip
     if len(student.levels) > len(teacher.levels):
         i = len(teacher.levels)
         raise NasError(f"levels.{i}: the teacher has no level at resolution latent_size/2**{i} "

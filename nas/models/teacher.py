@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from nas.errors import NasError
-from nas.space.build import FLEX, STOCK, arch_from_dict, load_arch, spread
+from nas.space.build import FLEX, STOCK, arch_from_dict, layer_depths, load_arch
 from nas.space.schema import Arch
 
 # Stock config fields that change what the network computes but that an `Arch` has no field for:
@@ -75,12 +75,16 @@ def _depths(entry: Any, count: int, field: str, where: str) -> list[int]:
     return depths
 
 
-def _total(depths: list[int], field: str, where: str) -> int:
-    """Total transformer layers, if `spread` lays them out as `depths` (else the format cannot)."""
+def _total(depths: list[int], field: str, where: str, layout: str = "stacked") -> int:
+    """Total transformer layers, if the layout lays them out as `depths` (else the format cannot)."""
     total = sum(depths)
-    if depths != spread(total, len(depths)):
+    expected = layer_depths(layout, total, len(depths))
+    if depths != expected:
+        rule = (
+            "spreads a block's layers evenly, earliest first" if layout == "stacked" else "interleaves them"
+        )
         raise NasError(f"{where}: {field} per-ResNet depths {depths} cannot be expressed "
-                       f"(nas spreads a block's layers evenly, earliest first: {spread(total, len(depths))})")  # fmt: skip
+                       f"(nas {rule}: {expected})")  # fmt: skip
     return total
 
 
@@ -103,8 +107,9 @@ def arch_from_unet_config(config: dict, name: str = "teacher", source: str = "co
             raise NasError(f"{source}: cross_attention_dim must be one integer for every block")
         if cls == STOCK:
             levels, mid, attention = _stock_levels(config, channels, source)
+            layout = "stacked"
         elif cls == FLEX:
-            levels, mid, attention = _flex_levels(config, channels, source)
+            levels, mid, attention, layout = _flex_levels(config, channels, source)
         else:
             raise NasError(
                 f"{source}: _class_name {cls!r} is not a U-Net class of nas (allowed: {STOCK}, {FLEX})"
@@ -124,7 +129,10 @@ def arch_from_unet_config(config: dict, name: str = "teacher", source: str = "co
         "norm_num_groups": config.get("norm_num_groups", 32),
         "use_linear_projection": bool(config.get("use_linear_projection", False)),
     }
-    return arch_from_dict({"name": name, "settings": settings, "levels": levels, "mid": mid}, source)
+    data = {"name": name, "settings": settings, "levels": levels, "mid": mid}
+    if layout != "stacked":
+        data["attention_layout"] = layout
+    return arch_from_dict(data, source)
 
 
 def _stock_levels(config: dict, channels: list[int], where: str):
@@ -180,12 +188,13 @@ def _flex_levels(config: dict, channels: list[int], where: str):
     down = _per_level(config["down_attention"], n, "down_attention", where)
     up = _per_level(config["up_attention"], n, "up_attention", where)
     heads = [int(h) for h in _per_level(config["attention_heads"], n, "attention_heads", where)]
+    lay = "interleaved" if config.get("single_layer_transformers") else "stacked"
     levels = [
         {
             "channels": channels[i],
             "resnets": resnets[i],
-            "attentions": _total(_depths(down[i], resnets[i], "down_attention", where), "down_attention", where),
-            "up_attentions": _total(_depths(up[i], resnets[i] + 1, "up_attention", where), "up_attention", where),
+            "attentions": _total(_depths(down[i], resnets[i], "down_attention", where), "down_attention", where, lay),
+            "up_attentions": _total(_depths(up[i], resnets[i] + 1, "up_attention", where), "up_attention", where, lay),
         }
         for i in range(n)
     ]  # fmt: skip
@@ -193,8 +202,10 @@ def _flex_levels(config: dict, channels: list[int], where: str):
     mid = None
     if mid_attention is not None:
         depths = [int(d) for d in mid_attention]
-        mid = {"resnets": len(depths), "attentions": _total(depths, "mid_attention", where)}
-    return levels, mid, heads
+        mid = {"resnets": len(depths), "attentions": _total(depths, "mid_attention", where, lay)}
+        if config.get("mid_block_half_resolution"):
+            mid["resolution"] = "half"
+    return levels, mid, heads, lay
 
 
 # ---- loading -------------------------------------------------------------------------------------
