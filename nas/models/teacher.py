@@ -199,7 +199,7 @@ def _flex_levels(config: dict, channels: list[int], where: str):
         for i in range(n)
     ]  # fmt: skip
     mid_attention = config.get("mid_attention")
-    mid = None
+    mid: dict[str, Any] | None = None
     if mid_attention is not None:
         depths = [int(d) for d in mid_attention]
         mid = {"resnets": len(depths), "attentions": _total(depths, "mid_attention", where, lay)}
