@@ -289,7 +289,9 @@ def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, 
             if multi:
                 return  # Optuna cannot prune multi-objective studies
             trial.report(loss, step)
-            if trial.should_prune():
+            # The last report comes after the whole proxy budget: pruning it (Hyperband's and
+            # successive halving's top rung can fall on it) would discard a finished result.
+            if step < space.proxy.steps and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (proxy_loss {loss:.4f})")
 
         def zero_cost_history() -> list[float]:
