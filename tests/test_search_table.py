@@ -1,19 +1,13 @@
 """Every sampler x every pruner through `run_search`: each completes and records its trials with the
 right states, pruners prune single-objective studies only, a seed fixes a sampler's sequence of
 architectures. The engine (study, sampler, pruner, states, storage) is real; the point evaluation
-is a synthetic, deterministic stand-in (latency from the tiny table, a loss curve fixed by the
-architecture) so that the whole table runs in seconds and pruning decisions do not depend on
-training noise. Real training through the same path: tests/test_search.py."""
-
-import gc
-import hashlib
+is the `synthetic` fixture's deterministic stand-in (tests/fixtures/search.py) so that the whole
+table runs in seconds and pruning decisions do not depend on training noise. Real training through the same path: tests/test_search.py."""
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-import nas.search.study as study_module
-from nas.search.objective import METRIC_KEYS, PointResult, Rejected, over_budget
 from nas.search.study import SAMPLERS, SearchSettings, run_search
 
 PRUNERS = {  # the space's proxy.pruner -> the Optuna class open_study must give single-objective studies
@@ -33,34 +27,6 @@ def test_tables_cover_the_schema():
 
     assert set(PRUNERS) == set(get_args(ProxySetup.model_fields["pruner"].annotation))
     assert set(SAMPLERS) == set(get_args(SearchSettings.model_fields["sampler"].annotation))
-
-
-def synthetic_point(space, arch, cache, train_config, hooks, measure=None):
-    """Latency from the space's table; loss = a per-architecture offset + 1/step, reported every
-    `report_every` steps (so a pruner sees the final ranking from the first report on)."""
-    from nas.latency_table import table_cost
-
-    metrics = {"arch_name": arch.name, **table_cost(space, arch)}
-    hooks.metrics(metrics)
-    reason = over_budget(space, metrics)
-    if reason:
-        raise Rejected("budget", reason)
-    offset = int(hashlib.sha256(arch.name.encode()).hexdigest()[:6], 16) / 16**6
-    loss = 0.0
-    for step in range(space.proxy.report_every, space.proxy.steps + 1, space.proxy.report_every):
-        loss = offset + 1.0 / step
-        hooks.report(step, loss)
-    metrics["proxy_loss"] = loss
-    hooks.metrics({"proxy_loss": loss})
-    return PointResult(metrics, [float(metrics[METRIC_KEYS[o.metric]]) for o in space.objectives])
-
-
-@pytest.fixture
-def synthetic(monkeypatch):
-    monkeypatch.setattr(study_module, "evaluate_point", synthetic_point)
-    # run_search collects garbage after every trial (the proxy models); in a test session holding
-    # torch a full collection costs about a second, and the synthetic point leaves nothing to free
-    monkeypatch.setattr(gc, "collect", lambda generation=2: 0)
 
 
 def search(space, study, cache, tmp_path, sampler, seed=0, trials=TRIALS):
