@@ -67,7 +67,7 @@ def test_report_overlays_several_studies(synthetic, table_space, search_cache, m
         under = [p[0] for p in points if p[1] <= 0.8 * base[1]]
         assert row["best_loss_under_budget"] == (min(under) if under else None)
         assert row["states"]["COMPLETE"] == 6 and row["proxy_steps"] == 6 * 4
-    assert "| tpe |" in (out / "compare.md").read_text()
+    assert "| tpe |" in (out / "compare.md").read_text() and result["reference"]["how"] == "baseline"
     # one storage per study must match the study count
     code = main(["report", "--study", "tpe", "--study", "random", "--storage", "sqlite:///a.db",
                  "sqlite:///b.db", "sqlite:///c.db"])  # fmt: skip
@@ -108,6 +108,8 @@ def test_search_validity_script_both_modes_resume(
     assert _script([*common, "--pruning", "--pruners", "none", "successive_halving", "--seeds", "0"]) == 0
     pruning = (out / "pruning" / "pruning.md").read_text()
     assert "| none |" in pruning and "| successive_halving |" in pruning
+    # the budget rejects the baseline, so the hypervolume reference falls back to the worst observed
+    assert json.loads((out / "pruning" / "compare.json").read_text())["reference"]["how"] == "worst"
     from nas.search.study import load_study
 
     study = load_study("prune-none-s0", None, str(out / "studies"))

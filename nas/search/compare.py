@@ -76,18 +76,19 @@ def baseline_point(study: optuna.Study) -> Point | None:
     return None
 
 
-def reference_point(studies: Sequence[optuna.Study], how: Reference = "baseline") -> Point:
-    """One reference for all `studies` (see the module docstring); `baseline` falls back to
-    `worst` when no study has a completed baseline."""
+def reference_point(studies: Sequence[optuna.Study], how: Reference = "baseline") -> tuple[Point, Reference]:
+    """One reference for all `studies` (see the module docstring) and how it was chosen:
+    `baseline` falls back to `worst` when no study has a completed baseline (e.g. a budget
+    rejected it)."""
     if how == "baseline":
         bases = [b for b in map(baseline_point, studies) if b is not None]
         if bases:
-            return max(b[0] for b in bases) * MARGIN, max(b[1] for b in bases) * MARGIN
+            return (max(b[0] for b in bases) * MARGIN, max(b[1] for b in bases) * MARGIN), "baseline"
     points = [p for s in studies for p in map(point, finished_trials(s)) if p is not None]
     if not points:
         names = ", ".join(s.study_name for s in studies)
         raise NasError(f"studies {names}: no completed trial with proxy_loss and latency yet")
-    return max(p[0] for p in points) * MARGIN, max(p[1] for p in points) * MARGIN
+    return (max(p[0] for p in points) * MARGIN, max(p[1] for p in points) * MARGIN), "worst"
 
 
 def hypervolume_curve(study: optuna.Study, ref: Point) -> list[float]:
@@ -255,7 +256,7 @@ def compare(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ref = reference_point([s for studies in groups.values() for s in studies], how)
+    ref, how = reference_point([s for studies in groups.values() for s in studies], how)
     rows = {label: [summarize(s, ref, pick) for s in studies] for label, studies in groups.items()}
     aggregated = {label: {**aggregate(r), "n_studies": len(r)} for label, r in rows.items()}
     plot_hypervolume(
@@ -266,7 +267,8 @@ def compare(
     header = (
         f"Hypervolume of the (proxy loss, latency) front as a fraction of the box up to the reference point"
         f" ({how} x {MARGIN:g}: loss {ref[0]:.4g}, latency {ref[1]:.4g} ms); mean [min, max] over each group's"
-        " studies.\n\n"
+        " studies. First trial dominating the baseline: its position among finished trials (the"
+        " baseline is 1).\n\n"
     )
     write_text(out / "compare.md", header + table)
     result = {"reference": {"how": how, "margin": MARGIN, "point": list(ref)}, "pick": pick}
