@@ -70,6 +70,7 @@ def test_sampler_x_pruner_single_objective(sampler, pruner, synthetic, table_spa
     assert study.best_value == min(t.value for t in trials if t.state == TrialState.COMPLETE)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() below, outside optimize
 @pytest.mark.parametrize("pruner", [p for p in PRUNERS if p != "none"])
 def test_multi_objective_studies_are_never_pruned(pruner, synthetic, table_space, search_cache, memory_tmp):
     """Optuna's Trial.report raises in multi-objective studies: nas trains every feasible point to
