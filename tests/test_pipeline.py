@@ -142,7 +142,7 @@ def test_bad_experiment_is_one_line_exit_2(tmp_path, capsys, case, change, needl
 
 PLAN_ERRORS = [  # refused before the first stage: nothing is run, nothing is written
     ("sampler", {"search": {"space": "space.yaml", "sampler": "tpee"}},
-     "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
+     "search.sampler: Input should be 'tpe', 'nsga2', 'random' or 'gp'"),
     ("train preset", {"train": {"config": "tiny_typo"}},
      "train.config: unknown preset 'tiny_typo' (allowed: decidiffusion, sd15, tiny"),
     ("missing space", {"search": {"space": "nope.yaml"}}, "search.space: "),

@@ -113,7 +113,7 @@ def test_unreachable_storage(search_cache, space_file, tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
-    [("--sampler", "grid", "allowed: tpe, nsga2, random"), ("--backend", "dask", "allowed: optuna, ray")],
+    [("--sampler", "grid", "allowed: tpe, nsga2, random, gp"), ("--backend", "dask", "allowed: optuna, ray")],
 )
 def test_unknown_sampler_or_backend_exit_2(capsys, search_cache, space_file, flag, value, needle):
     code = main(["search", str(space_file()), "--study", "z", "--cache", str(search_cache), flag, value])

@@ -59,7 +59,7 @@ def test_bad_choice_of_a_real_command_exits_2_with_allowed_values(capsys, tmp_pa
     code = main(["search", str(tmp_path / "space.yaml"), "--study", "s", "--sampler", "tpee"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "--sampler: unknown value 'tpee' (allowed: tpe, nsga2, random)" in err
+    assert "--sampler: unknown value 'tpee' (allowed: tpe, nsga2, random, gp)" in err
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,12 @@ SAMPLERS = {
     "tpe": _tpe,  # default, single and multi-objective (Watanabe 2023)
     "nsga2": lambda seed, multi: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
     "random": lambda seed, multi: optuna.samplers.RandomSampler(seed=seed),  # a strong NAS baseline
+    # Gaussian process + (log) expected (hypervolume) improvement; single and multi-objective.
+    # Its search space is the parameters every trial shares: the conditional ones of a deeper
+    # define-by-run point (a level only some depths have) are drawn at random, by design here.
+    "gp": lambda seed, multi: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=5, warn_independent_sampling=False
+    ),
 }
 assert tuple(SAMPLERS) == typing.get_args(SamplerName), "SamplerName must list the SAMPLERS keys"
 
@@ -283,7 +289,9 @@ def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, 
             if multi:
                 return  # Optuna cannot prune multi-objective studies
             trial.report(loss, step)
-            if trial.should_prune():
+            # The last report comes after the whole proxy budget: pruning it (Hyperband's and
+            # successive halving's top rung can fall on it) would discard a finished result.
+            if step < space.proxy.steps and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (proxy_loss {loss:.4f})")
 
         def zero_cost_history() -> list[float]:
