@@ -182,3 +182,32 @@ def test_scalar_and_batched_timesteps_agree(stock_components):
     for t in (torch.tensor(500), torch.tensor([500, 500]), 500.0):
         assert (wrapped(x, t, text).sample - expected).abs().max() < 1e-4
         assert (wrapped(x, t, text, return_dict=False)[0] - expected).abs().max() < 1e-4
+
+
+def test_space_latency_section_takes_a_runtime(tiny_space, monkeypatch):
+    import pydantic
+
+    import nas.cost
+    from nas.search.objective import measure_cost
+    from nas.space import load_arch
+    from nas.space.schema import LatencySetup
+
+    assert LatencySetup().runtime == "eager"
+    for bad in (
+        {"runtime": "openvino", "precision": "int8"},  # not one of openvino's precisions
+        {"runtime": "onnxruntime", "dtype": "bf16"},  # the precision, not dtype, says it
+        {"runtime": "onnxruntime", "source": "table", "table": "t.json"},  # a table times eager only
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            LatencySetup(**bad)
+    seen = {}
+    real = nas.cost.measure_latency
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **{**kwargs, "warmup": 0, "iters": 1})
+
+    monkeypatch.setattr(nas.cost, "measure_latency", spy)
+    space = tiny_space.model_copy(update={"latency": LatencySetup(runtime="onnxruntime", precision="int8")})
+    cost = measure_cost(space, load_arch("search_spaces/archs/tiny_stock.yaml"))
+    assert (seen["runtime"], seen["precision"]) == ("onnxruntime", "int8") and cost["latency_ms_p50"] > 0
