@@ -89,7 +89,8 @@ class RuntimeUNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         # Arguments our pipelines pass as None (timestep_cond, cross_attention_kwargs, ...) are
         # accepted; any other conditioning would be silently dropped by an exported graph.
-        extra = [k for k, v in kwargs.items() if v is not None] + (["positional"] if any(args) else [])
+        extra = [k for k, v in kwargs.items() if v is not None]
+        extra += [f"positional {i + 4}" for i, a in enumerate(args) if a is not None]
         if extra:
             raise NasError(f"runtime {self.name}: U-Net inputs {extra} are not supported")
         out = self._run(sample, timestep, encoder_hidden_states).to(sample.device, torch.float32)

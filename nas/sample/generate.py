@@ -67,9 +67,13 @@ class SampleSettings:
 
 def use_runtime(components: RunComponents, runtime: str = "eager", precision: str = "fp32") -> RunComponents:
     """Put the run's U-Net behind `runtime` (nas/runtimes.py); eager fp32 leaves it as loaded."""
-    from nas.runtimes import wrap_unet
+    from nas.runtimes import RuntimeUNet, wrap_unet
 
-    if (runtime, precision) != ("eager", "fp32"):
+    if isinstance(components.unet, RuntimeUNet):
+        if (components.unet.name, components.unet.precision) != (runtime, precision):
+            raise NasError(f"the U-Net already runs behind {components.unet.name} {components.unet.precision}; "
+                           f"load the run again for {runtime} {precision}")  # fmt: skip
+    elif (runtime, precision) != ("eager", "fp32"):
         device = str(components.empty_text.device)
         tokens = int(components.manifest["text_len"])
         components.unet = wrap_unet(components.unet, runtime, precision, device=device, tokens=tokens)
