@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ def compare_with_eager(unet, path: Path, batch: int, tokens: int) -> float:
     return float((got - reference).abs().max())
 
 
-def load_source_unet(source: Path) -> tuple[object, int, str]:
+def load_source_unet(source: Path) -> tuple[Any, int, str]:
     """(U-Net, text length, kind) from a `nas train` run folder, a diffusers U-Net folder
     (config.json + *.safetensors) or a pipeline folder with unet/."""
     from nas.runfolder import CONFIG

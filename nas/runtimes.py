@@ -118,8 +118,7 @@ class EagerUNet(RuntimeUNet):
         if precision == "bf16":  # only then: diffusers logs a warning on every .to(dtype)
             unet.to(torch.bfloat16)
         if precision == "channels_last":
-            # nn.Module.to takes memory_format at run time (torch docs); its typed overloads omit it.
-            unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            unet.to(memory_format=torch.channels_last)
         self.model = self._prepare(unet)
 
     def _prepare(self, unet):
