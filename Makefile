@@ -11,7 +11,7 @@ $(BIN)/nas: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,deploy]"
 	touch $(BIN)/nas
 
 setup: $(BIN)/nas

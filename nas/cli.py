@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nas.commands.export_pipeline",
         "write a run as a diffusers StableDiffusionPipeline folder",
     ),
+    "export-onnx": (
+        "nas.commands.export_onnx",
+        "write a U-Net as ONNX; check it against eager PyTorch with ONNX Runtime",
+    ),
     "eval": ("nas.commands.eval", "image quality against denoising steps (alignment, Frechet distance)"),
     "compare": ("nas.commands.compare", "blind side-by-side survey page of two runs; tally its votes"),
 }

@@ -113,6 +113,8 @@ class Latency:
     channels_last: bool
     compiled: bool
     other_cores_busy: float = 0.0  # CPU cores other processes kept busy while timing (CPU only)
+    runtime: str = "eager"  # key of nas.runtimes.RUNTIMES the U-Net ran behind
+    precision: str | None = None  # that runtime's precision (None: eager with `dtype`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,9 +186,20 @@ def measure_latency(
     tokens: int | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    runtime: str | None = None,
+    precision: str = "fp32",
 ) -> Latency:
-    """Forward latency in inference mode: warm-up, then `iters` timed forwards; CUDA events on GPU."""
+    """Forward latency in inference mode: warm-up, then `iters` timed forwards; CUDA events on GPU.
+    `runtime` (nas.runtimes.RUNTIMES key): the U-Net wrapped at `precision` and called with fp32
+    inputs as a sampler calls it; `dtype`, `channels_last` and `compile` are then the precision's."""
     dev = torch.device(device)
+    if runtime is not None:
+        from nas.errors import NasError
+        from nas.runtimes import wrap_unet
+
+        if (dtype, channels_last, compile) != ("fp32", False, False):
+            raise NasError("with a runtime, give the precision instead of dtype, channels_last or compile")
+        model = wrap_unet(model, runtime, precision, device=device, tokens=tokens or arch.settings.text_len)
     model = model.to(dev).eval()
     if dtype != "fp32":
         model = model.to(DTYPES[dtype])
@@ -231,6 +244,8 @@ def measure_latency(
         channels_last=channels_last,
         compiled=compile,
         other_cores_busy=0.0 if cuda else round(load.cores, 2),
+        runtime=runtime or "eager",
+        precision=precision if runtime else None,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nas import limits as L
+from nas.commands.sample import Precision, Runtime
 from nas.errors import NasError
 from nas.settings import CommandSettings, arg
 
@@ -30,6 +31,12 @@ class Settings(CommandSettings):
     iters: int = arg(10, "timed forwards", ge=1, le=L.MAX_LATENCY_ITERS)
     channels_last: bool = arg(False, "channels_last memory format")
     compile: bool = arg(False, "torch.compile the model before timing")
+    runtime: Runtime | None = arg(
+        None, "time the U-Net behind this runtime (eager, compile, onnxruntime, openvino); with --precision"
+    )
+    precision: Precision | None = arg(
+        None, "the runtime's precision (default fp32; README, deploy-time runtimes)"
+    )
     latency_table: str | None = arg(
         None, "also print the latency predicted from this `nas latency-table` file", input="file"
     )
@@ -82,6 +89,14 @@ def inspect_arch(args, data_path: Path) -> dict:
     table = _table_setup(args)
     report = {"file": str(data_path), "name": arch.name, **arch_cost(arch, args.batch, args.tokens)}
     if args.latency:
+        runtime = args.runtime or ("eager" if args.precision else None)
+        if runtime:
+            from nas.runtimes import check_runtime
+
+            check_runtime(runtime, args.precision or "fp32", args.device)
+            if args.dtype != "fp32" or args.channels_last or args.compile:
+                raise NasError("--runtime/--precision: give the precision there instead of --dtype, "
+                               "--channels-last or --compile (allowed with them: --dtype fp32)")  # fmt: skip
         lat = measure_latency(
             build_unet(arch),
             arch,
@@ -93,6 +108,8 @@ def inspect_arch(args, data_path: Path) -> dict:
             tokens=args.tokens,
             channels_last=args.channels_last,
             compile=args.compile,
+            runtime=runtime,
+            precision=args.precision or "fp32",
         )
         report.update(lat.as_dict())
     if table is not None:
@@ -154,6 +171,8 @@ def run(args: Settings) -> int:
     from nas.config import read_yaml
 
     _check_device(args.device)
+    if (args.runtime or args.precision) and not args.latency:
+        raise NasError("--runtime and --precision apply to the latency: add --latency")
     path = Path(args.path)
     data = read_yaml(path)
     is_space = isinstance(data, dict) and "depth" in data
@@ -193,7 +212,8 @@ def run(args: Settings) -> int:
     if args.latency:
         print(
             f"  latency         p50 {r['latency_ms_p50']:.2f} ms, p90 {r['latency_ms_p90']:.2f} ms "
-            f"({r['device']}, {r['dtype']}, {r['iters']} iters)"
+            f"({r['device']}, {r['dtype'] if r['precision'] is None else r['runtime'] + ' ' + r['precision']}, "
+            f"{r['iters']} iters)"
         )
         print(f"  peak memory     {r['peak_memory_mb']:.0f} MB")
     if "predicted_latency_ms_p50" in r:

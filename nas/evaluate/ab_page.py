@@ -38,14 +38,17 @@ def _render_run(run, jobs, settings, out: Path, tag: str, weights: str, device: 
     from nas.sample.run import load_run
 
     components = load_run(run, weights=weights, device=device)
-    pipe = build_pipeline(components, settings.scheduler, settings.spacing)
+    pipe = build_pipeline(
+        components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
+    )
     pixels = to_uint8(
         generate(components, pipe, [(p, s) for p, s, _ in jobs], settings, progress, f"model {tag.upper()}")
     )
     for (_, _, name), image in zip(jobs, pixels):
         Image.fromarray(image).save(out / "images" / f"{tag}_{name}.png")
     info = {"run": portable(run), "weights": components.weights, "model_sha256": components.model_sha256,
-            "steps": settings.steps, "scheduler": settings.scheduler, "guidance": settings.guidance}  # fmt: skip
+            "steps": settings.steps, "scheduler": settings.scheduler, "guidance": settings.guidance,
+            "runtime": settings.runtime, "precision": settings.precision}  # fmt: skip
     del components, pipe
     gc.collect()  # one model in memory at a time
     return info

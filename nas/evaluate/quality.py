@@ -296,7 +296,9 @@ def evaluate_run(
         raise NasError(f"{run}: trained on shapes; pass --evaluator DIR (made by `nas data train-evaluator`)")
     components = load_run(run, weights=weights, device=device)
     eval_set = shapes_eval_set(components, n, seed) if shapes else held_out_eval_set(components, n, seed)
-    pipe = build_pipeline(components, settings.scheduler, settings.spacing)
+    pipe = build_pipeline(
+        components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
+    )
     out.mkdir(parents=True, exist_ok=True)
     measured = quality_vs_steps(components, pipe, steps_list, eval_set, settings, evaluator, progress, out)
     report = {
@@ -310,6 +312,8 @@ def evaluate_run(
         "scheduler": settings.scheduler,
         "timestep_spacing": settings.spacing,
         "guidance": settings.guidance,
+        "runtime": settings.runtime,
+        "precision": settings.precision,
         "steps": steps_list,
         "evaluator": portable(evaluator_path),
         **measured,

@@ -35,6 +35,8 @@ class SampleSettings:
     scheduler: str = "ddim"  # key of nas.sample.run.SCHEDULERS
     spacing: str = "trailing"  # timestep grid; trailing never evaluates t = 0 (Lin et al. 2023)
     batch_size: int = 8  # images per pipeline call (CFG doubles the U-Net batch)
+    runtime: str = "eager"  # key of nas.runtimes.RUNTIMES that runs the U-Net
+    precision: str = "fp32"  # one of that runtime's precisions
 
     def check(self) -> SampleSettings:
         """One-line NasError for a setting out of its range (bounds: nas/limits.py)."""
@@ -55,12 +57,41 @@ class SampleSettings:
             raise NasError(
                 f"--spacing {self.spacing!r}: unknown timestep spacing (allowed: {', '.join(SPACINGS)})"
             )
+        from nas.runtimes import RUNTIMES, check_runtime
+
+        # names only; whether it is installed and runs on the device: check_runtime with the device
+        if self.runtime not in RUNTIMES or self.precision not in RUNTIMES[self.runtime].precisions:
+            check_runtime(self.runtime, self.precision)
         return self
 
 
-def build_pipeline(components: RunComponents, scheduler: str = "ddim", spacing: str = "trailing"):
-    """A StableDiffusionPipeline of the run's U-Net, VAE, text encoder and tokenizer (no safety checker)."""
+def use_runtime(components: RunComponents, runtime: str = "eager", precision: str = "fp32") -> RunComponents:
+    """Put the run's U-Net behind `runtime` (nas/runtimes.py); eager fp32 leaves it as loaded."""
+    from nas.runtimes import RuntimeUNet, wrap_unet
+
+    if isinstance(components.unet, RuntimeUNet):
+        if (components.unet.name, components.unet.precision) != (runtime, precision):
+            raise NasError(f"the U-Net already runs behind {components.unet.name} {components.unet.precision}; "
+                           f"load the run again for {runtime} {precision}")  # fmt: skip
+    elif (runtime, precision) != ("eager", "fp32"):
+        device = str(components.empty_text.device)
+        tokens = int(components.manifest["text_len"])
+        components.unet = wrap_unet(components.unet, runtime, precision, device=device, tokens=tokens)
+    return components
+
+
+def build_pipeline(
+    components: RunComponents,
+    scheduler: str = "ddim",
+    spacing: str = "trailing",
+    runtime: str = "eager",
+    precision: str = "fp32",
+):
+    """A StableDiffusionPipeline of the run's U-Net (behind `runtime` at `precision`), VAE, text
+    encoder and tokenizer (no safety checker); the scheduler and guidance code are the same for all."""
     from diffusers import StableDiffusionPipeline
+
+    use_runtime(components, runtime, precision)
 
     te = components.text_encoder
     # What makes the pipeline tokenize and encode as the cache did. StableDiffusionPipeline.encode_prompt
@@ -167,6 +198,8 @@ def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleS
         "scheduler_class": SCHEDULERS[settings.scheduler][0],
         "timestep_spacing": settings.spacing,
         "guidance": settings.guidance,
+        "runtime": settings.runtime,
+        "precision": settings.precision,
         "width": components.resolution,
         "height": components.resolution,
         "weights": components.weights,
@@ -230,6 +263,8 @@ def sample_run(
     prompts = prompts or held_out_captions(run, 4)
     components = load_run(run, weights=weights, device=device)
     jobs = jobs_for(prompts, n, seed)
-    pipe = build_pipeline(components, settings.scheduler, settings.spacing)
+    pipe = build_pipeline(
+        components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
+    )
     images = generate(components, pipe, jobs, settings, progress=progress)
     return write_samples(components, jobs, images, settings, out, columns=n)

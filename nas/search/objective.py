@@ -77,6 +77,8 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
         dtype=lat.dtype,
         warmup=lat.warmup,
         iters=lat.iters,
+        runtime=None if (lat.runtime, lat.precision) == ("eager", "fp32") else lat.runtime,
+        precision=lat.precision,
     )
     out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
     out["peak_memory_mb"] = measured.peak_memory_mb

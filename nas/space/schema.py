@@ -189,6 +189,10 @@ class LatencySetup(Strict):
     # untimed forwards first (allocator, caches, compile)
     warmup: int = Field(3, ge=0, le=L.MAX_LATENCY_WARMUP)
     iters: int = Field(10, ge=1, le=L.MAX_LATENCY_ITERS)  # timed forwards; median and p90 reported
+    # deploy-time runtime the U-Net is timed behind (nas/runtimes.py RUNTIMES) and its precision;
+    # with a runtime other than eager fp32, `dtype` stays fp32 (the precision says it)
+    runtime: Literal["eager", "compile", "onnxruntime", "openvino"] = "eager"
+    precision: Literal["fp32", "bf16", "channels_last", "int8", "fp16"] = "fp32"
 
     @model_validator(mode="after")
     def _table_given(self) -> LatencySetup:
@@ -196,6 +200,15 @@ class LatencySetup(Strict):
             raise ValueError("source: table needs table: PATH (a `nas latency-table` file)")
         if self.source == "measure" and (self.table or self.device_name):
             raise ValueError("table and device_name apply only to source: table")
+        if (self.runtime, self.precision) != ("eager", "fp32"):
+            from nas.runtimes import RUNTIMES
+
+            allowed = RUNTIMES[self.runtime].precisions
+            if self.precision not in allowed:
+                raise ValueError(f"precision {self.precision} is not one of runtime {self.runtime}'s "
+                                 f"(allowed: {', '.join(allowed)})")  # fmt: skip
+            if self.source == "table" or self.dtype != "fp32":
+                raise ValueError("runtime and precision apply to source: measure with dtype fp32")
         return self
 
 

@@ -1,0 +1,81 @@
+"""U-Net forward latency behind each deploy-time runtime (nas/runtimes.py), as a ratio to eager
+PyTorch fp32 measured in the same process.
+
+Every runtime x precision that can run here wraps its own copy of the same U-Net (same seed);
+after a warm-up, the arms take turns in rounds (round-robin, so drifting load on a shared machine
+hits all alike) of --iters timed forwards each; an arm's latency is the median of all its forwards.
+Batch 2: one image with classifier-free guidance. A pairing that cannot run here (not installed,
+needs CUDA) is listed as skipped with the reason.
+
+    python experiments/bench_runtimes.py search_spaces/archs/tiny_stock.yaml [--rounds 3] [--iters 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning OpenMP threads cost 10x
+
+import torch
+
+from nas.cost import example_inputs
+from nas.errors import NasError
+from nas.runtimes import RUNTIMES, wrap_unet
+from nas.space import build_unet, load_arch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", help="architecture YAML")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=2, help="latents per forward (2: one image with CFG)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed forwards per arm (compile happens here)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards per arm and round")
+    parser.add_argument("--skip", nargs="*", default=[], help="runtimes to leave out, e.g. compile")
+    args = parser.parse_args()
+
+    arch = load_arch(args.arch)
+    inputs = example_inputs(arch, args.batch)
+    arms = {}
+    for runtime, cls in RUNTIMES.items():
+        for precision in cls.precisions:
+            if runtime in args.skip:
+                continue
+            torch.manual_seed(0)
+            try:
+                arms[f"{runtime} {precision}"] = wrap_unet(
+                    build_unet(arch), runtime, precision, args.device, arch.settings.text_len
+                )
+            except NasError as exc:
+                print(f"{runtime} {precision}: skipped ({exc})")
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    with torch.inference_mode():
+        for model in arms.values():
+            for _ in range(args.warmup):
+                model(*inputs)
+        for _ in range(args.rounds):
+            for name, model in arms.items():
+                for _ in range(args.iters):
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    model(*inputs)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    base = statistics.median(times["eager fp32"])
+    print(f"{arch.name}, batch {args.batch}, {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'runtime precision':<26} {'median ms':>10} {'vs eager fp32':>14}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<26} {median:>10.2f} {median / base:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
