@@ -109,7 +109,10 @@ def test_dry_run_prints_the_settings_and_does_no_work(capsys, tmp_path):
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == 12 and printed["size"] == 32 and not out.exists()
     results = tmp_path / "results"
-    argv = ["search", "space.yaml", "--study", "s", "--results", str(results), "--dry-run"]
+    from tests.fixtures.space import SPACES
+
+    # the space is read and checked (as the search checks it before its first trial), nothing run
+    argv = ["search", str(SPACES / "tiny.yaml"), "--study", "s", "--results", str(results), "--dry-run"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["sampler"] == "tpe" and not results.exists()
 

@@ -1,4 +1,4 @@
-"""Run an experiment end to end: data -> VAE -> precompute -> search -> export -> train ->
+"""Run an experiment end to end: data -> VAE -> precompute -> (teacher) -> search -> export -> train ->
 sample -> evaluate -> report, each stage in RESULTS/<experiment>/<stage>/. A rerun skips stages
 whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes from there. The
 whole plan (every stage's settings, every file it reads) is checked before the first stage runs."""
@@ -10,7 +10,17 @@ from typing import Literal
 from nas.settings import CommandSettings, arg
 
 Stage = Literal[
-    "data", "vae", "precompute", "search", "export", "train", "sample", "evaluate", "variants", "report"
+    "data",
+    "vae",
+    "precompute",
+    "teacher",
+    "search",
+    "export",
+    "train",
+    "sample",
+    "evaluate",
+    "variants",
+    "report",
 ]
 
 

@@ -32,6 +32,19 @@ class Settings(SearchSettings):
 SETTINGS = Settings
 
 
+def dry_run(settings: Settings) -> dict:
+    """The space checked as a search checks it before its first trial (its proxy recipe, and with
+    proxy distillation the teacher's config against the space; no weights loaded, no cache read)."""
+    from nas.search.objective import proxy_config
+    from nas.search.teacher import prepare_distill
+    from nas.space import load_space
+
+    space = prepare_distill(load_space(settings.space), settings.space, settings.teacher)
+    proxy_config(space, settings.space)
+    distill = space.proxy.distill
+    return {"proxy_distill": distill.model_dump(mode="json") if distill is not None else None}
+
+
 def run(settings: Settings) -> int:
     engine = SearchSettings.model_validate(settings.model_dump(include=set(SearchSettings.model_fields)))
     if settings.backend == "ray":

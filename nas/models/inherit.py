@@ -141,6 +141,10 @@ def tensor_plan(
         numel = int(torch.Size(shape).numel())
         if source is None:
             status = "identity-init" if _zeroed(unit, name) else "new"
+        elif source not in teacher_shapes and ".conv_shortcut." in name and unit.kind == "resnet":
+            # the teacher's ResNet keeps its channel count (identity skip, no 1x1 conv) where the
+            # student's changes it (a level narrower than the next): a new projection
+            source, status = None, "new"
         elif source not in teacher_shapes:
             raise NasError(f"{name}: its teacher tensor {source} does not exist (teacher and arch disagree)")
         elif teacher_shapes[source] == shape:

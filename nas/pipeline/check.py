@@ -46,6 +46,7 @@ def _text_encoder(value: str, settings: CommandSettings) -> None:
 
 def _space(value: str, settings: CommandSettings) -> None:
     from nas.search.objective import proxy_config
+    from nas.search.teacher import prepare_distill
     from nas.space import load_arch, load_space
     from nas.space.sample import arch_to_params
 
@@ -53,6 +54,10 @@ def _space(value: str, settings: CommandSettings) -> None:
     for rel in space.baselines:  # resolved as the search resolves them
         path = Path(value).parent / rel
         arch_to_params(space, load_arch(path), str(path))
+    # a --teacher not there yet is written by an earlier stage (nas/pipeline/plan.py checks its
+    # arch against the space) or reported missing by its own `folder` check
+    teacher = getattr(settings, "teacher", None)
+    space = prepare_distill(space, value, teacher if teacher and Path(teacher).exists() else None)
     proxy_config(space, value)
 
 

@@ -35,7 +35,7 @@ from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
 from nas.settings import CommandSettings, build, to_argv
 
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
-RESUMABLE = {"precompute", "search", "train", "variants"}  # rerun the same command to continue
+RESUMABLE = {"precompute", "teacher", "search", "train", "variants"}  # rerun the same command to continue
 
 
 class ShapesData(Strict):
@@ -67,6 +67,29 @@ class PrecomputeStage(Strict):
     args: dict[str, Any] = {}  # extra `nas precompute` settings, e.g. {batch: 32}
 
 
+class TeacherTrain(Strict):
+    """Train the teacher first, as `nas train` would (paths relative to the experiment file)."""
+
+    arch: str  # architecture YAML of the teacher, e.g. ../search_spaces/archs/quickstart_baseline.yaml
+    config: str = "tiny"  # preset name or train config YAML
+    max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)
+    set: list[str] = []  # `--set` overrides
+
+
+class TeacherStage(Strict):
+    """The U-Net the search's proxy runs (and, with `train.distill`, the final training) inherit
+    from and distil from: a trained folder (`path`) or one trained by this stage (`train`)."""
+
+    path: str | None = None  # a `nas train` run, a diffusers U-Net or a pipeline folder
+    train: TeacherTrain | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherStage:
+        if (self.path is None) == (self.train is None):
+            raise ValueError("give exactly one of path or train")
+        return self
+
+
 class SearchStage(Strict):
     space: str  # search-space YAML, relative to the experiment file
     trials: int = Field(12, ge=1, le=MAX_TRIALS)
@@ -84,6 +107,9 @@ class TrainStage(Strict):
     config: str = "tiny"  # preset name or train config YAML (relative to the experiment file)
     max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)
     set: list[str] = []  # `--set` overrides, e.g. ["lr=2e-3"]
+    # distil from the experiment's teacher: `distill:` weights of a training config without
+    # `teacher` (nas run sets it), e.g. {output: 1.0, feature: 1.0}; null: no distillation
+    distill: dict[str, Any] | None = None
 
 
 class SampleStage(Strict):
@@ -105,6 +131,7 @@ class Experiment(Strict):
     data: DataStage
     vae: VaeStage = VaeStage()
     precompute: PrecomputeStage = PrecomputeStage()
+    teacher: TeacherStage | None = None  # null: the search's proxy runs without a teacher
     search: SearchStage
     export: ExportStage = ExportStage()
     train: TrainStage = TrainStage()
@@ -201,21 +228,26 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
                keys={"data": "data.path", "vae": "vae.path"}, user=exp.precompute.args, user_where="precompute.args")  # fmt: skip
     stages.append(Stage("precompute", [cmd], depends=["data", "vae"]))
     space = Path(_path(base, exp.search.space))
+    teacher = _teacher_stage(exp, exp_path, folder["teacher"], cache, space, make, stages)
     se = exp.search
     cmd = make(search.Settings, {"space": str(space), "study": exp.name, "trials": se.trials, "cache": str(cache),
                "sampler": se.sampler, "backend": se.backend, "workers": se.workers, "seed": se.seed,
-               "results": str(folder["search"])}, "search")  # fmt: skip
-    stages.append(Stage("search", [cmd], inputs=[space], depends=["precompute"]))
+               "results": str(folder["search"]), "teacher": teacher}, "search",
+               keys={"teacher": "teacher"})  # fmt: skip
+    stages.append(
+        Stage("search", [cmd], inputs=[space], depends=["precompute"] + (["teacher"] if teacher else []))
+    )
     cmd = make(export.Settings, {"study": exp.name, "results": str(folder["search"]), "pick": exp.export.pick,
                "out": str(folder["export"])}, "export")  # fmt: skip
     stages.append(Stage("export", [cmd], depends=["search"]))
     run = folder["train"] / "run"
     config = _relative(base, exp.train.config)
+    overrides = exp.train.set + _distill_overrides(exp, exp_path, teacher)
     cmd = make(train.Settings, {"config": config, "arch": str(folder["export"] / "arch.yaml"), "cache": str(cache),
-               "out": str(run), "max_steps": exp.train.max_steps, "overrides": exp.train.set}, "train",
+               "out": str(run), "max_steps": exp.train.max_steps, "overrides": overrides}, "train",
                keys={"overrides": "train.set"})  # fmt: skip
     stages.append(Stage("train", [cmd], inputs=[Path(config)] if Path(config).is_file() else [],
-                        depends=["export", "precompute"]))  # fmt: skip
+                        depends=["export", "precompute"] + (["teacher"] if exp.train.distill else [])))  # fmt: skip
     sp = exp.sample
     cmd = make(sample.Settings, {"run": str(run), "out": str(folder["sample"] / "images"), "steps": sp.steps,
                "guidance": sp.guidance, "n": sp.n, "seed": sp.seed, "prompt": sp.prompts or None}, "sample",
@@ -243,6 +275,58 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
 
             check_inputs(settings, root, where)
     return stages
+
+
+def _teacher_stage(exp: Experiment, exp_path: Path, folder: Path, cache: Path, space: Path, make: _Builder,
+                   stages: list[Stage]) -> str | None:  # fmt: skip
+    """Add the teacher stage (if the experiment has one); the teacher folder the search reads."""
+    from nas.commands import train
+
+    t, base = exp.teacher, exp_path.parent
+    if t is None:
+        return None
+    if t.path is not None:  # its listing (names, sizes, times) is the stage's input: a new teacher reruns
+        path = Path(_path(base, t.path))
+        stages.append(Stage("teacher", [], inputs=[path]))
+        return str(path)
+    assert t.train is not None  # TeacherStage's validator: exactly one of path and train
+    run, arch = folder / "run", _path(base, t.train.arch)
+    config = _relative(base, t.train.config)
+    cmd = make(train.Settings, {"config": config, "arch": arch, "cache": str(cache), "out": str(run),
+               "max_steps": t.train.max_steps, "overrides": t.train.set}, "teacher.train",
+               keys={"overrides": "teacher.train.set"})  # fmt: skip
+    inputs = [Path(p) for p in (config, arch) if Path(p).is_file()]
+    stages.append(Stage("teacher", [cmd], inputs=inputs, depends=["precompute"]))
+    _check_teacher_arch(exp_path, arch, space)
+    return str(run)
+
+
+def _check_teacher_arch(exp_path: Path, arch: str, space: Path) -> None:
+    """A teacher still to be trained: its architecture must seed every point of the space (the
+    search checks the trained folder again before its first trial)."""
+    from nas.search.teacher import check_space_teacher
+    from nas.space import load_arch, load_space
+
+    if not Path(arch).is_file() or not space.is_file():
+        return  # reported by the file checks of the stages that read them
+    loaded = load_space(space)
+    init = loaded.proxy.distill.init if loaded.proxy.distill is not None else "inherit"
+    try:
+        check_space_teacher(loaded, load_arch(arch), init)
+    except NasError as exc:
+        raise NasError(f"{exp_path}: teacher.train.arch: {exc}") from None
+
+
+def _distill_overrides(exp: Experiment, exp_path: Path, teacher: str | None) -> list[str]:
+    """`train.distill` as `--set distill.KEY=VALUE` overrides, the teacher from the teacher stage."""
+    d = exp.train.distill
+    if d is None:
+        return []
+    if teacher is None:
+        raise NasError(f"{exp_path}: train.distill: needs a teacher: section (path or train)")
+    if "teacher" in d:
+        raise NasError(f"{exp_path}: train.distill.teacher: set by nas run from the teacher: section")
+    return [f"distill.teacher={teacher}"] + [f"distill.{k}={v}" for k, v in d.items()]
 
 
 def _digest(path: Path) -> str:

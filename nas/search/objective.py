@@ -51,6 +51,11 @@ def proxy_config(space: Space, space_path: str | Path | None = None):
             data[key] = {**data[key], **value}
         else:
             data[key] = value
+    if space.proxy.distill is not None:  # the space's, its teacher relative to the space file
+        from nas.search.teacher import resolve_teacher_path
+
+        teacher = str(resolve_teacher_path(space, space_path))
+        data["distill"] = {**space.proxy.distill.model_dump(), "teacher": teacher}
     return validate(TrainConfig, data, f"{space_path or space.name}: proxy ({source} + overrides)")
 
 
@@ -154,6 +159,16 @@ def evaluate_point(
                 )
 
     proxy = space.proxy
+    teacher = None
+    if train_config.distill is not None:  # loaded by the first trial of this process, then kept
+        from nas.search.teacher import cached_teacher
+
+        teacher = cached_teacher(train_config.distill.teacher)
+
+    def record(values: dict[str, Any]) -> None:  # inheritance counts, distillation timings
+        metrics.update(values)
+        hooks.metrics(values)
+
     loss = proxy_train(
         arch,
         cache,
@@ -162,6 +177,8 @@ def evaluate_point(
         every=proxy.report_every,
         config=train_config,
         seed=proxy.seed,
+        teacher=teacher,
+        record=record,
     )
     if loss is None or not math.isfinite(loss):
         raise NasError(f"architecture {arch.name}: proxy validation loss is {loss}")

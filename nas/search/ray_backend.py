@@ -264,16 +264,18 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
         raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
     cache_path = str(Path(settings.cache).resolve())
     _check_cache(space, open_cache(cache_path), settings.cache)
-    train_config = proxy_config(space, settings.space)
     from nas.latency_table import prepare_latency
+    from nas.search.teacher import prepare_distill
 
     space = prepare_latency(space, settings.space)  # source: table: load and check it first
+    space = prepare_distill(space, settings.space, settings.teacher)  # the teacher's config only
+    train_config = proxy_config(space, settings.space)
     check_feasible_space(space)
     path = (settings.folder / "ray").resolve()  # the Tune experiment: path / study name
     owner = {
         "study": settings.study,
         "storage": settings.storage_url(),
-        "space_digest": space_digest(settings.space),
+        "space_digest": space_digest(settings.space, settings.teacher),
     }
     restore = tune.Tuner.can_restore(path / settings.study)
     if restore:  # before anything is opened or written: refusing must change nothing

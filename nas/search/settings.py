@@ -30,6 +30,12 @@ class SearchSettings(CommandSettings):
         1, "parallel trials (processes sharing the storage, or Ray trials)", ge=1, le=MAX_WORKERS
     )
     results: str = arg("results", "parent folder of the study folder")
+    teacher: str | None = arg(
+        None,
+        "trained U-Net folder every trial inherits from and distils from (sets the space's"
+        " proxy.distill.teacher; without proxy.distill: its defaults)",
+        input="folder",
+    )
 
     @property
     def folder(self) -> Path:

@@ -84,8 +84,12 @@ def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.
     return table[name]()
 
 
-def space_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def space_digest(path: str | Path, teacher: str | None = None) -> str:
+    """The space file's content (and `--teacher`'s resolved path: another teacher, another study)."""
+    h = hashlib.sha256(Path(path).read_bytes())
+    if teacher is not None:
+        h.update(str(Path(teacher).resolve()).encode())
+    return h.hexdigest()[:16]
 
 
 def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
@@ -126,7 +130,7 @@ def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.S
     pruner = (
         optuna.pruners.NopPruner() if multi else make_pruner(proxy.pruner, proxy.steps, proxy.report_every)
     )
-    digest = space_digest(settings.space)
+    digest = space_digest(settings.space, settings.teacher)
     names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if settings.study not in names:
         try:
@@ -386,10 +390,12 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
         raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
     cache = open_cache(settings.cache)
     _check_cache(space, cache, settings.cache)
-    train_config = proxy_config(space, settings.space)
     from nas.latency_table import prepare_latency
+    from nas.search.teacher import prepare_distill
 
     space = prepare_latency(space, settings.space)  # source: table: load and check it first
+    space = prepare_distill(space, settings.space, settings.teacher)  # the teacher's config only
+    train_config = proxy_config(space, settings.space)
     check_feasible_space(space)
     settings.folder.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, space)

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from nas import limits as L
 from nas.config import Strict
+from nas.train.distill import DistillConfig
 
 METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and budgets may name
 
@@ -237,6 +238,9 @@ class ProxySetup(Strict):
         "hyperband"  # single objective only
     )
     zero_cost: ZeroCost | None = None  # null: no pre-filter
+    # every trial starts from this teacher's weights (init: inherit) and distils from it for its
+    # steps (nas/train/distill.py); teacher relative to the space file; null: plain proxy training
+    distill: DistillConfig | None = None
 
 
 class Space(Strict):

@@ -304,10 +304,12 @@ def prepare_teacher(
     resume: bool = False,
     quiet: bool = False,
     given=None,
+    inherited: Callable | None = None,
 ) -> torch.nn.Module:
     """The teacher module: `given` ((module, Arch), e.g. built in memory) or loaded from
     `config.teacher`, checked against the latent cache; with init: inherit, its weights are then
-    copied into `student` (not when resuming: the checkpoint brings the student's weights)."""
+    copied into `student` (not when resuming: the checkpoint brings the student's weights) and
+    `inherited` (if given) receives the InheritReport."""
     from nas.train.data import check_compatible
 
     # The only lines that need nas.models.teacher / nas.models.inherit: imported here, lazily, so
@@ -327,4 +329,6 @@ def prepare_teacher(
         report = inherit(teacher, teacher_arch, student, student_arch, narrow="slice")
         if not quiet:
             print(f"distill: student initialised from the teacher: {report.summary()}", flush=True)
+        if inherited is not None:
+            inherited(report)
     return teacher

@@ -58,6 +58,9 @@ class TrainResult:
     samples_per_s: float | None  # training throughput of this session (all processes)
     stopped_early: bool  # `report` asked to stop
     run_dir: Path | None
+    # with distillation: mean seconds per optimizer step, and of it in teacher forwards (this session)
+    step_s: float | None = None
+    teacher_s: float | None = None
 
 
 def make_accelerator(config: TrainConfig):
@@ -229,6 +232,7 @@ def train(
     )
     interval_loss, interval_steps, interval_time, train_time = 0.0, 0, 0.0, 0.0
     val_loss, val_start, stopped, done = None, None, False, start
+    distill_time = [0.0, 0.0, 0]  # seconds in steps, of them in the teacher, steps logged
     if run is not None and ckpt is None:  # a fresh run's metrics start from the untrained model
         val_start = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
         if metrics is not None:
@@ -295,6 +299,9 @@ def train(
                     extra = distiller.take_terms(lambda value: accelerator.reduce(value, "mean"))
                     extra["step_s"] = interval_time / interval_steps
                     extra["teacher_s"] = distiller.take_teacher_seconds() / interval_steps
+                    distill_time[0] += interval_time
+                    distill_time[1] += extra["teacher_s"] * interval_steps
+                    distill_time[2] += interval_steps
                 if metrics is not None:
                     metrics.add(
                         step=done,
@@ -362,7 +369,11 @@ def train(
         )
         plot_losses(run / "metrics.csv", run / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(done, val_loss, val_start, val_loss_ema, session_rate, stopped, run)
+    result = TrainResult(done, val_loss, val_start, val_loss_ema, session_rate, stopped, run)
+    if distill_time[2]:
+        result.step_s = distill_time[0] / distill_time[2]
+        result.teacher_s = distill_time[1] / distill_time[2]
+    return result
 
 
 def check_arch_cache(arch, manifest: dict, arch_source: str, cache_source: str) -> None:
@@ -438,6 +449,7 @@ def proxy_train(
     seed: int | None = None,
     quiet: bool = True,
     teacher=None,
+    record: Callable[[dict[str, Any]], None] | None = None,
 ) -> float:
     """Short mode for the search: train `arch` for `steps` steps and return the final validation loss.
 
@@ -446,7 +458,8 @@ def proxy_train(
     returns True training stops and the last reported loss is returned; if it raises (a pruner's
     exception) the exception propagates. Same loop as `nas train`; no EMA, no files written.
     `config` defaults to the DeciDiffusion recipe with a 10% warm-up. With `distill:` in `config`,
-    `teacher` ((module, Arch)) saves loading distill.teacher once per call.
+    `teacher` ((module, Arch)) saves loading distill.teacher once per call, and `record` (if given)
+    receives the inheritance counts (`inherit_*`) and the distillation timings (`step_s`, `teacher_s`).
     """
     from accelerate.utils import set_seed
 
@@ -470,5 +483,23 @@ def proxy_train(
     model = build_unet(arch)
     module = None
     if config.distill is not None:  # pass `teacher` to load it once for many trials
-        module = prepare_teacher(config.distill, model, arch, cache, quiet=quiet, given=teacher)
-    return train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module).val_loss
+        inherited = None if record is None else (lambda report: record(inherit_figures(report)))
+        module = prepare_teacher(
+            config.distill, model, arch, cache, quiet=quiet, given=teacher, inherited=inherited
+        )
+    result = train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module)
+    if record is not None and result.step_s is not None:
+        record({"step_s": result.step_s, "teacher_s": result.teacher_s})
+    return result.val_loss
+
+
+def inherit_figures(report) -> dict[str, Any]:
+    """An InheritReport as flat figures (trial attributes): parameters copied, sliced and new
+    (identity-initialised ones included), and the one-line summary."""
+    counts = report.counts()
+    return {
+        "inherit_copied": counts["copied"][1],
+        "inherit_sliced": counts["sliced"][1],
+        "inherit_new": counts["new"][1] + counts["identity-init"][1],
+        "inherit_summary": report.summary(),
+    }
