@@ -249,11 +249,12 @@ def report(rows: dict, out: Path) -> None:
         lines += ["## Quality per training compute (30 sampling steps)", "",
                   "| method | steps | alignment | Frechet distance | s/step | teacher s/step | student-step equiv. |",
                   "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        scratch_step = [r["step_s"] - r.get("teacher_s", 0) for r in q.values() if r["method"] == "scratch"
-                        and r.get("step_s")]  # fmt: skip
-        base = sorted(scratch_step)[len(scratch_step) // 2] if scratch_step else None
+        # compute in student-step equivalents: a distilled step costs step_s / (step_s - teacher_s)
+        # student steps (its teacher forward measured in the same run); a scratch step costs 1
         for r in sorted(q.values(), key=lambda r: (r["method"], r["steps"])):
-            equiv = r["steps"] * r["step_s"] / base if base and r.get("step_s") else float("nan")
+            student_s = r.get("step_s", 0) - r.get("teacher_s", 0)
+            factor = r["step_s"] / student_s if r["method"] == "distill" and student_s > 0 else 1.0
+            equiv = r["steps"] * factor
             r["student_step_equivalents"] = equiv
             fd = "-" if r.get("fd") is None else f"{r['fd']:.0f}"
             lines.append(f"| {r['method']} | {r['steps']} | {r['alignment']:.3f} | {fd} | "
