@@ -1,0 +1,139 @@
+"""Does the deployed runtime change which U-Net is faster? Latency of many architectures behind each
+runtime (nas/runtimes.py), all measured in one process, and the rank correlation with eager.
+
+Two uses:
+  * a space: --count random architectures (seeded) of SPACE; per runtime x precision, Spearman rho
+    and Kendall tau of its latency ranking against eager fp32's. If they differ, a search must
+    measure (or tabulate) the runtime it deploys on, not eager PyTorch.
+  * named architectures (--archs A.yaml B.yaml ...): each one's latency per runtime and its ratio to
+    the first one's (e.g. the SD-layout baseline first, then the searched U-Net: does the searched
+    U-Net's lead survive optimization?).
+
+Per architecture, every arm (runtime x precision) wraps its own copy of the same weights; after a
+warm-up the arms take turns in --rounds rounds of --iters timed forwards (round-robin, so drifting
+load on a shared host hits all alike); an arm's figure is the median of its forwards. Batch 2: one
+image with classifier-free guidance. One torch thread (ONNX Runtime and OpenVINO are given one too).
+
+    python experiments/runtime_ranking.py --space search_spaces/quickstart.yaml --count 20 \\
+        --out results/inference/ranking_quickstart.json
+    python experiments/runtime_ranking.py --archs search_spaces/archs/sd15_small.yaml \\
+        results/decidiffusion_small/arch.yaml --out results/inference/pair_decidiffusion_small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning OpenMP threads cost 10x
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+from scipy.stats import kendalltau, spearmanr
+from tqdm.auto import tqdm
+
+from nas.cost import arch_cost, example_inputs
+from nas.errors import NasError
+from nas.runtimes import wrap_unet
+from nas.space import RandomChoices, build_unet, load_arch, load_space, sample_arch
+
+# (runtime, precision) arms; eager fp32 first: the reference. bf16 is left out on CPUs without
+# native bf16 matmuls, where it measures emulation; compile: experiments/bench_runtimes.py.
+ARMS = [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32")]
+
+
+def measure(arch, arms, rounds: int, iters: int, warmup: int) -> dict[str, float]:
+    """Median forward milliseconds per arm for one architecture."""
+    inputs = example_inputs(arch, 2)
+    models = {}
+    for runtime, precision in arms:
+        torch.manual_seed(0)
+        try:
+            models[f"{runtime} {precision}"] = wrap_unet(
+                build_unet(arch), runtime, precision, "cpu", arch.settings.text_len
+            )
+        except NasError as exc:
+            print(f"{arch.name} {runtime} {precision}: skipped ({exc})")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(warmup):
+                model(*inputs)
+        for _ in range(rounds):
+            for name, model in models.items():
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    model(*inputs)
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", help="search-space YAML: rank --count random architectures")
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--archs", nargs="+", help="architecture YAMLs (the first is the reference)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", required=True, help="JSON file")
+    args = parser.parse_args()
+    if bool(args.space) == bool(args.archs):
+        parser.error("give --space or --archs")
+    torch.set_num_threads(1)
+    if args.space:
+        space = load_space(args.space)
+        chooser = RandomChoices(args.seed)
+        archs = [sample_arch(space, chooser, name=f"{space.name}-r{i}") for i in range(args.count)]
+    else:
+        archs = [load_arch(a) for a in args.archs]
+    rows = []
+    started = time.perf_counter()
+    for arch in tqdm(archs, desc="architectures"):
+        ms = measure(arch, ARMS, args.rounds, args.iters, args.warmup)
+        cost = arch_cost(arch)
+        rows.append({"arch": arch.name, "params": cost["params"], "macs": cost["macs"], "median_ms": ms})
+    arms = [f"{r} {p}" for r, p in ARMS if all(f"{r} {p}" in row["median_ms"] for row in rows)]
+    summary: dict = {"torch": torch.__version__, "threads": 1, "batch": 2, "rounds": args.rounds,
+                     "iters": args.iters, "seconds": time.perf_counter() - started, "rows": rows}  # fmt: skip
+    eager = [row["median_ms"]["eager fp32"] for row in rows]
+    lines = []
+    if args.space:
+        summary.update(space=args.space, count=args.count, seed=args.seed, vs_eager={})
+        lines.append(f"{args.count} architectures of {args.space}: latency ranking vs eager fp32")
+        lines.append("| runtime | Spearman rho | Kendall tau | median speed-up over eager |")
+        lines.append("|---|---:|---:|---:|")
+        for arm in arms[1:]:
+            other = [row["median_ms"][arm] for row in rows]
+            rho, tau = float(spearmanr(eager, other)[0]), float(kendalltau(eager, other)[0])
+            speedup = statistics.median(e / o for e, o in zip(eager, other))
+            summary["vs_eager"][arm] = {"spearman_rho": rho, "kendall_tau": tau, "median_speedup": speedup}
+            lines.append(f"| {arm} | {rho:.3f} | {tau:.3f} | {speedup:.2f}x |")
+        macs = [-row["macs"] for row in rows]
+        summary["macs_vs_eager_rho"] = float(spearmanr([-m for m in macs], eager)[0])
+        lines.append(f"(MACs vs eager latency: Spearman rho {summary['macs_vs_eager_rho']:.3f})")
+    else:
+        lines.append("| architecture | " + " | ".join(arms) + " |")
+        lines.append("|---|" + "---:|" * len(arms))
+        ref = rows[0]["median_ms"]
+        for row in rows:
+            cells = [f"{row['median_ms'][a]:.1f} ms ({ref[a] / row['median_ms'][a]:.2f}x)" for a in arms]
+            lines.append(f"| {row['arch']} | " + " | ".join(cells) + " |")
+        lines.append("(x: the first architecture's latency over this one's, same runtime)")
+        best = {row["arch"]: min(row["median_ms"][a] for a in arms) for row in rows}
+        summary["best_runtime_speedup_over_eager"] = {
+            row["arch"]: row["median_ms"]["eager fp32"] / best[row["arch"]] for row in rows
+        }
+    summary["table"] = lines
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
