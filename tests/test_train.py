@@ -155,7 +155,7 @@ def test_cli_trains_on_the_shapes_cache(capsys, tmp_path, repo_root, shapes_cach
             "--max-steps", "4", "--set", "val_items=16", "val_every=2", "log_every=2", "checkpoint_every=2"]  # fmt: skip
     assert main(argv) == 0
     assert "trained 4 steps: validation loss" in capsys.readouterr().out
-    assert read_yaml(run / "arch.yaml") == load_arch(arch).model_dump(mode="json", exclude_none=True)
+    assert read_yaml(run / "arch.yaml") == load_arch(arch).to_data()
     config = load_config(str(run / "config.yaml"))
     assert (config.cache, config.max_steps, config.val_items) == (str(shapes_cache), 4, 16)
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]

@@ -109,8 +109,10 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
             return RDBStorage(url, **beat)
         except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
             # Two processes creating a new storage at once (workers, a dashboard): the loser's
-            # schema insert collides; the schema exists a moment later, so try again.
-            if isinstance(exc, IntegrityError) and attempt < 4:
+            # schema insert collides (PostgreSQL: IntegrityError; SQLite: "table ... already
+            # exists"); the schema exists a moment later, so try again.
+            racing = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if racing and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise NasError(
