@@ -16,6 +16,7 @@ from nas.cost import LoadWarning
 from nas.errors import NasError
 from nas.latency_blocks import arch_blocks, block_module, parse_key, space_blocks
 from nas.space import build_unet, load_space, sample_arch
+from tests.fixtures.search import QuietLoad
 from tests.fixtures.space import SPACES, distinct_tiny_archs
 
 
@@ -120,16 +121,7 @@ def _fake_clock(monkeypatch):
     """Every block sample reads 1 ms; a whole network reads 10 ms + 3 ms per block."""
     monkeypatch.setattr(lt, "_sample_ms", lambda run, inputs, calls, cuda, dev: 1.0)
 
-    class Quiet:  # a fake clock takes no wall time: the load ratio would be noise
-        cores = 0.0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-    monkeypatch.setattr(lt, "OtherLoad", Quiet)
+    monkeypatch.setattr(lt, "OtherLoad", QuietLoad)
 
     def whole(arch, setup, device, iters):
         ms = 10.0 + 3.0 * len(arch_blocks(arch))
