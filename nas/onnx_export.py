@@ -99,7 +99,8 @@ def compare_with_eager(unet, path: Path, batch: int, tokens: int) -> float:
     with torch.no_grad():
         reference = _Forward(unet.to("cpu", torch.float32).eval())(*inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, onnx_feed(*inputs))[0])
+    names = {i.name for i in session.get_inputs()}
+    got = torch.from_numpy(session.run(None, onnx_feed(*inputs, names))[0])
     return float((got - reference).abs().max())
 
 

@@ -203,16 +203,20 @@ class OnnxRuntimeUNet(RuntimeUNet):
         self.path = path
 
     def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-        feed = onnx_feed(sample, timestep, encoder_hidden_states)
+        names = {i.name for i in self.session.get_inputs()}
+        feed = onnx_feed(sample, timestep, encoder_hidden_states, names)
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def onnx_feed(sample, timestep, encoder_hidden_states) -> dict[str, np.ndarray]:
-    """The exported graph's inputs (nas/onnx_export.py INPUT_NAMES) as float32 numpy arrays."""
+def onnx_feed(sample, timestep, encoder_hidden_states, names=None) -> dict[str, np.ndarray]:
+    """The exported graph's inputs (nas/onnx_export.py INPUT_NAMES) as float32 numpy arrays, only
+    those in `names` when given: the exporter drops an input the graph never reads (a U-Net without
+    any attention layer has no `encoder_hidden_states`), and the runtimes refuse unknown inputs."""
     x = sample.detach().to("cpu", torch.float32).contiguous()
     text = encoder_hidden_states.detach().to("cpu", torch.float32).contiguous()
     t = _timesteps(timestep, x.shape[0])
-    return {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy()}
+    feed = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy()}
+    return feed if names is None else {k: v for k, v in feed.items() if k in names}
 
 
 class OpenVinoUNet(RuntimeUNet):
@@ -238,7 +242,8 @@ class OpenVinoUNet(RuntimeUNet):
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
 
     def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-        result = self.compiled(onnx_feed(sample, timestep, encoder_hidden_states))
+        names = {name for port in self.compiled.inputs for name in port.get_names()}
+        result = self.compiled(onnx_feed(sample, timestep, encoder_hidden_states, names))
         return torch.from_numpy(np.asarray(result[0]).copy())
 
 

@@ -184,6 +184,30 @@ def test_scalar_and_batched_timesteps_agree(stock_components):
         assert (wrapped(x, t, text, return_dict=False)[0] - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_unet_without_attention_runs_behind_the_onnx_runtimes(runtime):
+    """With no attention layer the text is never read, so the export has no encoder_hidden_states
+    input; the runtimes must feed only the inputs the graph declares."""
+    from nas.space import build_unet
+    from nas.space.build import arch_from_dict
+
+    arch = arch_from_dict(
+        {
+            "name": "no-attention",
+            "settings": {"latent_size": 8, "cross_attention_dim": 16, "text_len": 4, "norm_num_groups": 8},
+            "levels": [{"channels": 16, "resnets": 1, "attentions": 0, "up_attentions": 0, "heads": 2}],
+            "mid": None,
+        }
+    )
+    torch.manual_seed(0)
+    unet = build_unet(arch).eval()
+    wrapped = wrap_unet(copy.deepcopy(unet), runtime, "fp32", tokens=4)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 16)
+    with torch.no_grad():
+        expected = unet(x, 500, text).sample
+    assert (wrapped(x, 500, text).sample - expected).abs().max() < 1e-4
+
+
 def test_space_latency_section_takes_a_runtime(tiny_space, monkeypatch):
     import pydantic
 
