@@ -100,7 +100,8 @@ def compare_with_eager(unet, path: Path, batch: int, tokens: int) -> float:
         reference = _Forward(unet.to("cpu", torch.float32).eval())(*inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    got = torch.from_numpy(session.run(None, onnx_feed(*inputs, names))[0])
+    sample, timestep, text = inputs
+    got = torch.from_numpy(session.run(None, onnx_feed(sample, timestep, text, names))[0])
     return float((got - reference).abs().max())
 
 
