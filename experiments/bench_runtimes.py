@@ -27,6 +27,42 @@ from nas.runtimes import RUNTIMES, wrap_unet
 from nas.space import build_unet, load_arch
 
 
+def time_arms(
+    arch, arms, device: str = "cpu", batch: int = 2, warmup: int = 2, rounds: int = 3, iters: int = 5
+) -> dict[str, list[float]]:
+    """Forward milliseconds per arm ("runtime precision" -> list): every (runtime, precision) in
+    `arms` wraps its own copy of the same U-Net (same seed); after `warmup` untimed forwards each,
+    the arms take turns in `rounds` rounds of `iters` timed forwards. An arm that cannot run here is
+    printed as skipped with the reason."""
+    inputs = example_inputs(arch, batch)
+    models = {}
+    for runtime, precision in arms:
+        torch.manual_seed(0)
+        try:
+            models[f"{runtime} {precision}"] = wrap_unet(
+                build_unet(arch), runtime, precision, device, arch.settings.text_len
+            )
+        except NasError as exc:
+            print(f"{arch.name} {runtime} {precision}: skipped ({exc})")
+    cuda = device.startswith("cuda")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(warmup):
+                model(*inputs)
+        for _ in range(rounds):
+            for name, model in models.items():
+                for _ in range(iters):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    model(*inputs)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arch", help="architecture YAML")
@@ -41,34 +77,8 @@ def main() -> None:
     args = parser.parse_args()
 
     arch = load_arch(args.arch)
-    inputs = example_inputs(arch, args.batch)
-    arms = {}
-    for runtime, cls in RUNTIMES.items():
-        for precision in cls.precisions:
-            if runtime in args.skip:
-                continue
-            torch.manual_seed(0)
-            try:
-                arms[f"{runtime} {precision}"] = wrap_unet(
-                    build_unet(arch), runtime, precision, args.device, arch.settings.text_len
-                )
-            except NasError as exc:
-                print(f"{runtime} {precision}: skipped ({exc})")
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    with torch.inference_mode():
-        for model in arms.values():
-            for _ in range(args.warmup):
-                model(*inputs)
-        for _ in range(args.rounds):
-            for name, model in arms.items():
-                for _ in range(args.iters):
-                    if args.device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    model(*inputs)
-                    if args.device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    times[name].append((time.perf_counter() - t0) * 1000)
+    arms = [(r, p) for r, cls in RUNTIMES.items() if r not in args.skip for p in cls.precisions]
+    times = time_arms(arch, arms, args.device, args.batch, args.warmup, args.rounds, args.iters)
     base = statistics.median(times["eager fp32"])
     print(f"{arch.name}, batch {args.batch}, {args.device}, torch threads {torch.get_num_threads()}")
     print(f"{'runtime precision':<26} {'median ms':>10} {'vs eager fp32':>14}")

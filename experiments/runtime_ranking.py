@@ -33,13 +33,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning Ope
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
+from bench_runtimes import time_arms  # experiments/ is on sys.path when run as a script
 from scipy.stats import kendalltau, spearmanr
 from tqdm.auto import tqdm
 
-from nas.cost import arch_cost, example_inputs
-from nas.errors import NasError
-from nas.runtimes import wrap_unet
-from nas.space import RandomChoices, build_unet, load_arch, load_space, sample_arch
+from nas.cost import arch_cost
+from nas.space import RandomChoices, load_arch, load_space, sample_arch
 
 # (runtime, precision) arms; eager fp32 first: the reference. bf16 is left out on CPUs without
 # native bf16 matmuls, where it measures emulation; compile: experiments/bench_runtimes.py.
@@ -47,28 +46,8 @@ ARMS = [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("o
 
 
 def measure(arch, arms, rounds: int, iters: int, warmup: int) -> dict[str, float]:
-    """Median forward milliseconds per arm for one architecture."""
-    inputs = example_inputs(arch, 2)
-    models = {}
-    for runtime, precision in arms:
-        torch.manual_seed(0)
-        try:
-            models[f"{runtime} {precision}"] = wrap_unet(
-                build_unet(arch), runtime, precision, "cpu", arch.settings.text_len
-            )
-        except NasError as exc:
-            print(f"{arch.name} {runtime} {precision}: skipped ({exc})")
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            for _ in range(warmup):
-                model(*inputs)
-        for _ in range(rounds):
-            for name, model in models.items():
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    model(*inputs)
-                    times[name].append((time.perf_counter() - t0) * 1000)
+    """Median forward milliseconds per arm for one architecture (batch 2, CPU)."""
+    times = time_arms(arch, arms, "cpu", 2, warmup, rounds, iters)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
