@@ -16,6 +16,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Hashable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning OpenMP threads cost 10x
 
@@ -27,14 +28,9 @@ from nas.runtimes import RUNTIMES, wrap_unet
 from nas.space import build_unet, load_arch
 
 
-def time_arms(
-    arch, arms, device: str = "cpu", batch: int = 2, warmup: int = 2, rounds: int = 3, iters: int = 5
-) -> dict[str, list[float]]:
-    """Forward milliseconds per arm ("runtime precision" -> list): every (runtime, precision) in
-    `arms` wraps its own copy of the same U-Net (same seed); after `warmup` untimed forwards each,
-    the arms take turns in `rounds` rounds of `iters` timed forwards. An arm that cannot run here is
-    printed as skipped with the reason."""
-    inputs = example_inputs(arch, batch)
+def wrap_arms(arch, arms, device: str = "cpu") -> dict:
+    """{"runtime precision": model} for every (runtime, precision) in `arms` that runs here, each
+    wrapping its own copy of the same U-Net (same seed); the others are printed as skipped."""
     models = {}
     for runtime, precision in arms:
         torch.manual_seed(0)
@@ -44,14 +40,23 @@ def time_arms(
             )
         except NasError as exc:
             print(f"{arch.name} {runtime} {precision}: skipped ({exc})")
+    return models
+
+
+def time_models(
+    entries: dict[Hashable, tuple], device: str = "cpu", warmup: int = 2, rounds: int = 3, iters: int = 5
+) -> dict[Hashable, list[float]]:
+    """Forward milliseconds per entry (name -> (model, inputs)): after `warmup` untimed forwards
+    each, the entries take turns in `rounds` rounds of `iters` timed forwards (round-robin: load
+    that drifts on a shared host hits all alike)."""
     cuda = device.startswith("cuda")
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[Hashable, list[float]] = {name: [] for name in entries}
     with torch.inference_mode():
-        for model in models.values():
+        for model, inputs in entries.values():
             for _ in range(warmup):
                 model(*inputs)
         for _ in range(rounds):
-            for name, model in models.items():
+            for name, (model, inputs) in entries.items():
                 for _ in range(iters):
                     if cuda:
                         torch.cuda.synchronize()
@@ -61,6 +66,17 @@ def time_arms(
                         torch.cuda.synchronize()
                     times[name].append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def time_arms(
+    arch, arms, device: str = "cpu", batch: int = 2, warmup: int = 2, rounds: int = 3, iters: int = 5
+) -> dict[str, list[float]]:
+    """Forward milliseconds per arm ("runtime precision" -> list) of one architecture: `wrap_arms`
+    then `time_models`. An arm that cannot run here is printed as skipped with the reason."""
+    inputs = example_inputs(arch, batch)
+    models = wrap_arms(arch, arms, device)
+    times = time_models({name: (m, inputs) for name, m in models.items()}, device, warmup, rounds, iters)
+    return {str(name): t for name, t in times.items()}
 
 
 def main() -> None:

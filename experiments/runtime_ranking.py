@@ -27,22 +27,25 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning OpenMP threads cost 10x
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-from bench_runtimes import time_arms  # experiments/ is on sys.path when run as a script
+from bench_runtimes import time_arms, time_models, wrap_arms  # experiments/ is on sys.path as a script
 from scipy.stats import kendalltau, spearmanr
 from tqdm.auto import tqdm
 
-from nas.cost import arch_cost
+from nas.cost import arch_cost, example_inputs
 from nas.space import RandomChoices, load_arch, load_space, sample_arch
 
 # (runtime, precision) arms; eager fp32 first: the reference. bf16 is left out on CPUs without
-# native bf16 matmuls, where it measures emulation; compile: experiments/bench_runtimes.py.
+# native bf16 matmuls, where it measures emulation. `--compile` adds torch.compile (inductor; its
+# first call compiles for about a minute per U-Net, in the untimed warm-up).
 ARMS = [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32")]
+COMPILE = ("compile", "fp32")
 
 
 def measure(arch, arms, rounds: int, iters: int, warmup: int) -> dict[str, float]:
@@ -60,8 +63,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (fp32) to the arms")
     parser.add_argument("--out", required=True, help="JSON file")
     args = parser.parse_args()
+    all_arms = ARMS[:1] + [COMPILE] * args.compile + ARMS[1:]
     if bool(args.space) == bool(args.archs):
         parser.error("give --space or --archs")
     torch.set_num_threads(1)
@@ -73,12 +78,29 @@ def main() -> None:
         archs = [load_arch(a) for a in args.archs]
     rows = []
     started = time.perf_counter()
-    for arch in tqdm(archs, desc="architectures"):
-        ms = measure(arch, ARMS, args.rounds, args.iters, args.warmup)
-        cost = arch_cost(arch)
-        rows.append({"arch": arch.name, "params": cost["params"], "macs": cost["macs"], "median_ms": ms})
-    arms = [f"{r} {p}" for r, p in ARMS if all(f"{r} {p}" in row["median_ms"] for row in rows)]
+    if args.space:
+        for arch in tqdm(archs, desc="architectures"):
+            ms = measure(arch, all_arms, args.rounds, args.iters, args.warmup)
+            cost = arch_cost(arch)
+            rows.append({"arch": arch.name, "params": cost["params"], "macs": cost["macs"], "median_ms": ms})
+    else:  # a few named architectures: all of them x all arms in one round-robin, so their ratio is fair
+        entries: dict[Hashable, tuple] = {}
+        for i, arch in enumerate(archs):
+            inputs = example_inputs(arch, 2)
+            for arm, model in wrap_arms(arch, all_arms).items():
+                entries[i, arm] = (model, inputs)
+        times = time_models(entries, "cpu", args.warmup, args.rounds, args.iters)
+        for i, arch in enumerate(archs):
+            cost = arch_cost(arch)
+            ms = {
+                str(key[1]): statistics.median(t)
+                for key, t in times.items()
+                if isinstance(key, tuple) and key[0] == i
+            }
+            rows.append({"arch": arch.name, "params": cost["params"], "macs": cost["macs"], "median_ms": ms})
+    arms = [f"{r} {p}" for r, p in all_arms if all(f"{r} {p}" in row["median_ms"] for row in rows)]
     summary: dict = {"torch": torch.__version__, "threads": 1, "batch": 2, "rounds": args.rounds,
+                     "interleaved": "architectures and arms" if args.archs else "arms, per architecture",
                      "iters": args.iters, "seconds": time.perf_counter() - started, "rows": rows}  # fmt: skip
     eager = [row["median_ms"]["eager fp32"] for row in rows]
     lines = []
