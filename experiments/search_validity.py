@@ -14,8 +14,14 @@ front vs trial number, the first trial that dominates the baseline, the best pro
 export rule --pick (the quickstart experiment's: latency <= 0.8 x the baseline's).
 
 --pruning: one objective (proxy loss) under the latency budget of --pick, sampler tpe, the same
-seeds, every pruner (none, median, successive_halving, hyperband) at equal trial count: proxy
-optimizer steps spent, trial seconds, best proxy loss vs no pruning.
+seeds, every pruner (none, median, successive_halving, hyperband) and Ray Tune + ASHA (`ray_asha`:
+`nas search --backend ray`, one Ray study at a time) at equal trial count: proxy optimizer steps
+spent, trial seconds, best proxy loss vs no pruning.
+
+--longer F: does the front hold after longer training? The pick of each sampler's best seed (the
+lowest proxy loss under --pick) and the baseline are trained F x the proxy's steps (warm-up scaled
+alike) on the same cache, --repeats times with different seeds; writes OUT/longer.{json,md}: proxy
+loss next to the longer validation loss, and whether the longer training ranks them alike.
 
 Each study lives in its own SQLite file, OUT/studies/<study>/study.db (`nas report --results
 OUT/studies --study tpe-s0 --study random-s0` overlays any of them). Rerunning skips finished
@@ -42,6 +48,7 @@ from nas.errors import NasError  # noqa: E402
 
 SAMPLERS = ["tpe", "nsga2", "random", "gp"]  # nas.search.study.SAMPLERS
 PRUNERS = ["none", "median", "successive_halving", "hyperband"]  # the space's proxy.pruner values
+RAY_ASHA = "ray_asha"  # --pruning arm: `nas search --backend ray` (Ray Tune's ASHA stops trials early)
 PICK = "latency_ms<=0.8*baseline"  # experiments/quickstart.yaml export.pick
 
 
@@ -106,10 +113,20 @@ def finished_trials(results: Path, study: str) -> int:
         return 0
 
 
-def run_studies(jobs: list[tuple[str, Path, str, int]], args, results: Path) -> None:
-    """(study, space, sampler, seed) each to --trials; finished ones are skipped."""
+def run_studies(jobs: list[tuple[str, Path, str, int]], args, results: Path, backend: str = "optuna") -> None:
+    """(study, space, sampler, seed) each to --trials; finished ones are skipped. `backend` ray: one
+    study at a time (each starts its own local Ray), its trials --jobs at once inside Ray."""
     todo = [j for j in jobs if finished_trials(results, j[0]) < args.trials]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} studies finished; running {len(todo)}")
+    if backend == "ray":
+        for study, space, sampler, seed in todo:
+            cmd = [sys.executable, "-m", "nas", "search", str(space), "--study", study, "--trials", str(args.trials),
+                   "--cache", args.cache, "--results", str(results), "--sampler", sampler, "--seed", str(seed),
+                   "--backend", "ray", "--workers", str(args.jobs), "--quiet"]  # fmt: skip
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+            if code:
+                raise NasError(f"study {study}: exit {code}; rerun to resume it")
+        return
     if args.jobs == 1:
         from nas.search.study import SearchSettings, run_search
 
@@ -188,13 +205,18 @@ def pruning_mode(args) -> dict:
     out, results = Path(args.out) / "pruning", Path(args.out) / "studies"
     base = write_variant(Path(args.space), out, "base", args.latency_table)
     budget = latency_budget(base, args.pick)
-    jobs = []
+    jobs: list[tuple[str, Path, str, int]] = []
+    ray_jobs: list[tuple[str, Path, str, int]] = []
     for pruner in args.pruners:
+        ray = pruner == RAY_ASHA  # the space's pruner is not used: ASHA stops trials
         space = write_variant(Path(args.space), out, f"prune-{pruner}", args.latency_table,
                               objectives=[{"metric": "proxy_loss", "direction": "minimize"}],
-                              budgets={"latency_ms": round(budget, 4)}, proxy={"pruner": pruner})  # fmt: skip
-        jobs += [(f"prune-{pruner}-s{seed}", space, args.pruning_sampler, seed) for seed in args.seeds]
+                              budgets={"latency_ms": round(budget, 4)},
+                              proxy={"pruner": "none" if ray else pruner})  # fmt: skip
+        arm = [(f"prune-{pruner}-s{seed}", space, args.pruning_sampler, seed) for seed in args.seeds]
+        (ray_jobs if ray else jobs).extend(arm)
     run_studies(jobs, args, results)
+    run_studies(ray_jobs, args, results, backend="ray")
     groups = {p: load(results, [f"prune-{p}-s{seed}" for seed in args.seeds]) for p in args.pruners}
     result = compare(groups, out, args.pick, args.reference)
     table = pruning_table(result)
@@ -204,6 +226,88 @@ def pruning_mode(args) -> dict:
     )
     write_text(out / "pruning.md", head + table)
     result["pruning_table"] = table
+    return result
+
+
+def longer_mode(args) -> dict:
+    """Picks of every sampler's best seed plus the baseline, trained args.longer x the proxy."""
+    import json
+    import statistics
+
+    from scipy.stats import spearmanr
+
+    from nas.data.cache import open_cache
+    from nas.runfolder import write_json, write_text
+    from nas.search.export import pick_trial
+    from nas.search.objective import proxy_config
+    from nas.space import load_space
+    from nas.space.schema import Arch
+    from nas.train.loop import proxy_train
+
+    out, results = Path(args.out), Path(args.out) / "studies"
+    space_path = out / "spaces" / "search.yaml"
+    if not space_path.is_file():
+        raise NasError(f"{space_path}: run the sampler comparison first (no --longer)")
+    space = load_space(space_path)
+    config = proxy_config(space, str(space_path))
+    steps = space.proxy.steps * args.longer
+    long_config = config.model_copy(update={"warmup_steps": config.warmup_steps * args.longer})
+    cache = open_cache(args.cache)
+    picks: dict[str, dict] = {}
+    for sampler in args.samplers:
+        best = None
+        for seed in args.seeds:
+            study = load(results, [f"{sampler}-s{seed}"])[0]
+            try:
+                trial = pick_trial(study, args.pick)
+            except NasError:
+                continue
+            if best is None or trial.user_attrs["proxy_loss"] < best[1].user_attrs["proxy_loss"]:
+                best = (seed, trial, study)
+        if best is None:
+            continue
+        seed, trial, study = best
+        baseline = next(t for t in study.trials if "baseline" in t.user_attrs)
+        picks.setdefault("baseline", {"study": study.study_name, "trial": baseline.number,
+                                      "arch": baseline.user_attrs["arch"],
+                                      "proxy_loss": baseline.user_attrs["proxy_loss"]})  # fmt: skip
+        picks[sampler] = {"study": f"{sampler}-s{seed}", "trial": trial.number, "arch": trial.user_attrs["arch"],
+                          "proxy_loss": trial.user_attrs["proxy_loss"],
+                          "latency_ms": trial.user_attrs.get("latency_ms_p50")}  # fmt: skip
+    path = out / "longer.json"
+    done = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    for label, row in picks.items():
+        losses = done.get(label, {}).get("long_losses", [])
+        if done.get(label, {}).get("arch") != row["arch"]:
+            losses = []  # another pick than the stored one: train again
+        arch = Arch.model_validate(row["arch"])
+        for r in range(len(losses), args.repeats):
+            loss = proxy_train(arch, cache, steps, config=long_config, seed=space.proxy.seed + r, every=steps)
+            losses.append(loss)
+            print(f"  {label}: {steps} steps, seed {space.proxy.seed + r}: validation loss {loss:.4f}")
+            done[label] = {**row, "long_losses": losses}
+            write_json(path, {"steps": steps, "factor": args.longer, "rows": done})
+        row["long_losses"] = losses
+        row["long_loss"] = statistics.fmean(losses)
+    labels = list(picks)
+    rho = float(
+        spearmanr([picks[k]["proxy_loss"] for k in labels], [picks[k]["long_loss"] for k in labels]).statistic
+    )
+    result = {"steps": steps, "factor": args.longer, "repeats": args.repeats, "pick": args.pick,
+              "spearman_proxy_vs_long": rho, "rows": picks}  # fmt: skip
+    write_json(path, result)
+    base = picks.get("baseline", {}).get("long_loss")
+    lines = [f"Picks (`{args.pick}`, each sampler's best seed) and the baseline, trained {steps} steps"
+             f" ({args.longer}x the proxy), {args.repeats} seeds each; Spearman(proxy, longer) = {rho:.2f}.", "",
+             "| pick | study, trial | latency ms | proxy loss | longer: validation loss (mean [min, max]) | vs baseline |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for label, row in picks.items():
+        ls = row["long_losses"]
+        lat = row.get("latency_ms")
+        vs = "-" if base is None or label == "baseline" else f"{row['long_loss'] - base:+.4f}"
+        lines.append(f"| {label} | {row['study']} #{row['trial']} | {'-' if lat is None else f'{lat:.1f}'} |"
+                     f" {row['proxy_loss']:.4f} | {row['long_loss']:.4f} [{min(ls):.4f}, {max(ls):.4f}] | {vs} |")  # fmt: skip
+    write_text(out / "longer.md", "\n".join(lines) + "\n")
     return result
 
 
@@ -222,14 +326,20 @@ def main(argv: list[str] | None = None) -> int:
         "--reference", default="baseline", choices=["baseline", "worst"], help="hypervolume reference"
     )
     p.add_argument("--pruning", action="store_true", help="single-objective pruner comparison instead")
-    p.add_argument("--pruners", nargs="+", default=PRUNERS, choices=PRUNERS)
+    p.add_argument("--pruners", nargs="+", default=[*PRUNERS, RAY_ASHA], choices=[*PRUNERS, RAY_ASHA])
     p.add_argument("--pruning-sampler", default="tpe", choices=SAMPLERS)
+    p.add_argument("--longer", type=int, default=0, metavar="F", help="train the picks F x the proxy's steps")
+    p.add_argument("--repeats", type=int, default=2, help="--longer: training seeds per pick (default 2)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.trials < 1 or args.jobs < 1:
         p.error("--trials and --jobs must be >= 1")
     args.latency_table = args.latency_table or default_table(Path(args.space))
     try:
+        if args.longer:
+            result = longer_mode(args)
+            print((Path(args.out) / "longer.md").read_text())
+            return 0
         result = pruning_mode(args) if args.pruning else sampler_mode(args)
     except NasError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from optuna.trial import TrialState
 from nas.errors import NasError
 from nas.search.ray_backend import RaySettings, check_resources, run_ray_search
 from nas.search.study import SearchSettings, load_study
+from nas.space import load_space
 
 CLUSTER = {"CPU": 2.0, "memory": 1e10, "node:127.0.0.1": 1.0}
 
@@ -52,4 +53,6 @@ def test_ray_backend_runs_the_study_locally(search_cache, space_file, tmp_path):
                 and "arch" in t.user_attrs
                 and t.values[0] == t.user_attrs["proxy_loss"]
             )
+        if "proxy_loss" in t.user_attrs:  # trained: its proxy steps are counted, as the Optuna engine does
+            assert 0 < t.user_attrs["last_step"] <= load_space(space).proxy.steps
     assert (results / "r" / "ray" / "r").is_dir()  # Tuner experiment folder, restorable

@@ -230,6 +230,10 @@ def _searcher_class():
                         ot_trial.set_user_attr(key, result[key])
                 if "arch_json" in result:
                     ot_trial.set_user_attr("arch", json.loads(result["arch_json"]))
+                if (
+                    "proxy_loss" in result and "step" in result
+                ):  # proxy steps run, as the Optuna engine records
+                    ot_trial.set_user_attr("last_step", int(result["step"]))
                 stopped_early = not error and result.get("step", 0) < self.full_steps
                 if "rejected" in result or stopped_early:
                     if stopped_early and "rejected" not in result:
