@@ -22,6 +22,9 @@ Which teacher layer seeds which student layer: nas/models/inherit_plan.py (`plan
   1x1 shortcut [I, 0]: it passes the tensor from below and ignores its skip (a duplicate of the
   skip before it, made by a new identity down ResNet).
 
+Across layouts (`attention_layout`, `mid.resolution`: DeciDiffusion's against SD's) the copies are an
+initialisation, not the teacher's function; the report's notes name every block where that happens.
+
 Tensors of different shapes are never copied silently: they are sliced by the rule above or left
 new (and reported), and a student wider than its teacher is a NasError under `slice`.
 """
@@ -77,8 +80,12 @@ def parts(unit: Unit, name: str, teacher_side: bool) -> list[list[str]]:
     assert prefix is not None
     if unit.kind == "stem":
         return STEM_PARTS[name]
+    if unit.kind == "attention":  # its blocks may come from other teacher transformers than its own
+        owner = re.match(r"(.+?\.attentions\.\d+)\.", name)
+        assert owner is not None, name
+        prefix = owner.group(1)
     local = name[len(prefix) + 1 :]
-    s, h, inner = unit.stream, f"{prefix}.hidden", f"{prefix}.inner"
+    s, h, inner = unit.stream_of(teacher_side), f"{prefix}.hidden", f"{prefix}.inner"
     if unit.kind == "resampler":
         return [[s], [s]] if local.endswith("weight") else [[s]]
     if unit.kind == "resnet":
