@@ -263,6 +263,7 @@ def test_configs_round_trip(name):
         ),
         ({"transformer_layers_per_block": [[1, 1]] * 4}, "reverse_transformer_layers_per_block is required"),
         ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
+        ({"transformer_layers_per_block": 2}, "transformer_layers_per_block 2 in the mid block"),
         ({"out_channels": 8}, "out_channels=8"),
         ({"_class_name": "UNet2DModel"}, "not a U-Net class of nas"),
         ({"block_out_channels": None}, "malformed"),

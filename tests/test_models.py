@@ -6,7 +6,7 @@ import torch
 
 from nas.cost import count_params, example_inputs
 from nas.models import FlexUNet2DConditionModel
-from nas.space import STOCK, build_unet, load_arch, unet_class, unet_config
+from nas.space import STOCK, arch_from_dict, build_unet, load_arch, unet_class, unet_config
 from tests.fixtures.space import ARCHS, distinct_tiny_archs
 
 TINY = distinct_tiny_archs()  # the 50 seeded draws of tiny.yaml without repeats, plus two hand-written
@@ -196,3 +196,19 @@ def test_mid_block_attention_uses_lowest_level_heads(force_flex):
     model = build_unet(arch, force_flex=force_flex, device="meta")
     mid_attention = model.mid_block.attentions[0].transformer_blocks[0].attn1
     assert mid_attention.heads == 128 // 32 and mid_attention.inner_dim == 128
+
+
+@pytest.mark.parametrize("layers, stock", [(1, True), (2, False), (3, False)])
+def test_a_two_resnet_mid_block_puts_its_second_layer_after_the_second_resnet(layers, stock):
+    """`attentions: A` in a 2-ResNet mid block means spread(A, 2) layers after each ResNet in every
+    class: diffusers' cross-attention mid block (one transformer, after the first ResNet) expresses
+    only A = 1, so A >= 2 builds the flex class rather than a differently wired stock model."""
+    data = load_arch(ARCHS / "tiny_stock.yaml").to_data()
+    data["mid"] = {"resnets": 2, "attentions": layers}
+    for lv in data["levels"]:  # transformers as deep as the mid block's first one (stock's rule)
+        lv["attentions"], lv["up_attentions"] = lv["resnets"] * (layers + 1) // 2, 0
+    arch = arch_from_dict(data)
+    assert (unet_config(arch)[0] == STOCK) is stock
+    model = build_unet(arch, device="meta")
+    depths = [len(a.transformer_blocks) for a in model.mid_block.attentions]
+    assert depths == [d for d in ((layers + 1) // 2, layers // 2) if d]

@@ -177,6 +177,11 @@ def _stock_levels(config: dict, channels: list[int], where: str):
         mid = {"resnets": 1, "attentions": 0}
     elif STOCK_MIDS[mid_type] == "cross":  # as deep as the last down block's first transformer
         depth = _depths(layers[-1], resnets[-1], "transformer_layers_per_block", where)[0]
+        if (
+            depth != 1
+        ):  # the format spreads a mid block's layers over its ResNets: 2 ResNets, 2 layers = 1 + 1
+            raise NasError(f"{where}: transformer_layers_per_block {depth} in the mid block cannot be expressed "
+                           "(allowed: 1; the format puts a mid block's second layer after its second ResNet)")  # fmt: skip
         mid = {"resnets": 2, "attentions": depth}
     return levels, mid, heads
 

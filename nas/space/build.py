@@ -7,10 +7,10 @@ one transformer; with every d_i >= 1 this is exactly how `UNet2DConditionModel` 
 cross-attention block (one transformer per ResNet, `transformer_layers_per_block` deep).
 `interleaved` (DeciDiffusion's U-Net-NAS): one layer after each ResNet in turn, the surplus after
 the last one, each layer a transformer of its own. A block with 0 < A < R, a transformer split into
-single layers, a mid block other than (1 ResNet, no attention) or (2 ResNets, 1 transformer of the
-depth the last down block allows), or a mid block at half resolution cannot be expressed by the
-stock class; those points are built as `FlexUNet2DConditionModel`, our `ModelMixin` + `ConfigMixin`
-class made of the same diffusers blocks.
+single layers, a mid block other than (1 ResNet, no attention) or (2 ResNets, 1 transformer layer,
+whose depth the last down block's transformers must share), or a mid block at half resolution
+cannot be expressed by the stock class; those points are built as `FlexUNet2DConditionModel`, our
+`ModelMixin` + `ConfigMixin` class made of the same diffusers blocks.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def stock_config(arch: Arch) -> dict[str, Any] | None:
         mid_type = None
     elif (arch.mid.resnets, arch.mid.attentions) == (1, 0):
         mid_type = "UNetMidBlock2D"
-    elif arch.mid.resnets == 2 and arch.mid.attentions >= 1:
-        if layout == "interleaved" and arch.mid.attentions > 1:
-            return None  # interleaved puts the second layer after the second ResNet
-        mid_type, mid_depth = "UNetMidBlock2DCrossAttn", arch.mid.attentions
+    elif (arch.mid.resnets, arch.mid.attentions) == (2, 1):
+        # diffusers' cross-attention mid block has its one transformer after the first ResNet; a
+        # second layer goes after the second ResNet in both layouts (spread / interleave), which
+        # only FlexUNet builds
+        mid_type, mid_depth = "UNetMidBlock2DCrossAttn", 1
     else:
         return None
     # The stock mid block is as deep as the first layer of the last down block.
