@@ -199,7 +199,12 @@ class OnnxRuntimeUNet(RuntimeUNet):
             onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(half))
             path = half
         providers = ["CUDAExecutionProvider"] if self._device.type == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        # As many threads as torch (set_num_threads / OMP_NUM_THREADS): ORT's own default is every
+        # physical core whatever OMP_NUM_THREADS says, so eager and ORT would compare at unequal CPU.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1  # the graph runs sequentially (ORT's default execution mode)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = path
 
     def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
@@ -238,7 +243,11 @@ class OpenVinoUNet(RuntimeUNet):
         super().__init__(unet, precision, device, tokens)
         self._tmp, path = export_to_temp(unet, tokens)
         # f32 hint: on CPUs with AMX or AVX512-BF16 OpenVINO otherwise computes in bf16 by default.
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        # Threads: as many as torch's, like ONNX Runtime (OpenVINO's default is every core).
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        }
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
 
     def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
