@@ -3,13 +3,14 @@ whole-network latency, against MACs and parameter counts as baselines.
 
 Per space: build the table on the device (blocks + the correction fitted on its few networks),
 draw N random architectures (distinct, none of the fit networks), measure each whole as the search's
-`source: measure` does (nas.cost.measure_latency; 5 interleaved passes over all networks,
-median kept), and compare. Figures: Spearman rho, mean absolute percentage error (MAPE), share of
+`source: measure` does (nas.cost.measure_latency; --passes interleaved passes over all networks,
+default 5, median kept), and compare. Figures: Spearman rho, mean absolute percentage error (MAPE), share of
 networks within +-10%. MACs and params are ranked the same way, and, to compare errors on equal
 terms, turned into milliseconds by a line fitted on the table's own fit networks. Every measurement
 records `other_cores_busy` (CPU cores other processes used meanwhile).
 
-    OMP_NUM_THREADS=2 python experiments/latency_model.py --out results/latency_model
+    OMP_NUM_THREADS=1 python experiments/latency_model.py --out results/latency_model --threads 1 \
+        --passes 15 --iters 10 --fit 10 --rounds 11
     python experiments/latency_model.py --from-json results/latency_model   # README and plot again
     python experiments/latency_model.py --refit results/latency_model       # new correction, no timing
 
@@ -239,7 +240,8 @@ def readme(summary: dict) -> str:
         f" {env['torch']}, {summary['threads']} threads, device `{summary['device']}`, {summary['date']}."
         " Per space: the table is built (every block timed, correction fitted on its fit networks), then"
         f" {summary['results'][0]['count']} random other networks are measured whole"
-        " (nas.cost.measure_latency, 5 interleaved passes, median) and predicted from the table.",
+        f" (nas.cost.measure_latency, {summary.get('passes', 5)} interleaved passes of"
+        f" {summary.get('iters', 5)} timed forwards, median) and predicted from the table.",
         "MACs and params are made into milliseconds by a line through the same fit networks."
         " `ratio`: prediction = median over the fit networks of (measured / blocks) x blocks;"
         " `line`: least-squares slope and intercept through the same fit networks (the model before)."
@@ -306,7 +308,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/latency_model"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--count", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per table block")
+    ap.add_argument("--passes", type=int, default=5, help="interleaved passes over the whole networks")
+    ap.add_argument("--iters", type=int, default=5, help="timed forwards per network per pass")
+    ap.add_argument("--fit", type=int, default=6, help="whole networks the table's correction is fitted on")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spaces", nargs="+", default=SPACES)
     ap.add_argument("--note", default="", help="free text appended to the README (machine load, caveats)")
@@ -328,9 +333,11 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)  # the same for block timing and whole networks
         out = args.out
-        results = [validate_space(s, args.device, out, args.count, args.rounds) for s in args.spaces]
+        results = [validate_space(s, args.device, out, args.count, args.rounds, args.passes, args.iters, args.fit)
+                   for s in args.spaces]  # fmt: skip
         summary = {"device": args.device, "threads": torch.get_num_threads(), "environment": environment(),
-                   "date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note, "results": results}  # fmt: skip
+                   "date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note, "passes": args.passes,
+                   "iters": args.iters, "rounds": args.rounds, "results": results}  # fmt: skip
     write_json(out / "validation.json", summary)
     plot(summary["results"], out / "predicted_vs_measured.png")
     write_text(out / "README.md", readme(summary))

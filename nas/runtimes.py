@@ -104,19 +104,31 @@ class RuntimeUNet(torch.nn.Module):
         raise NotImplementedError
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> compute dtype of the PyTorch runtimes
+
+
 class EagerUNet(RuntimeUNet):
-    """PyTorch as is. bf16: weights and activations in bfloat16; channels_last: fp32 weights and
-    activations in NHWC memory order (faster convolutions on many CPUs and on tensor cores)."""
+    """PyTorch as is. bf16 / fp16: weights and activations in bfloat16 / float16 (fp16 on CUDA only:
+    CPU float16 kernels are few and slow); channels_last: fp32 weights and activations in NHWC
+    memory order (faster convolutions on many CPUs and on tensor cores)."""
 
     name = "eager"
-    precisions = ("fp32", "bf16", "channels_last")
+    precisions = ("fp32", "bf16", "fp16", "channels_last")
+
+    @classmethod
+    def check_device(cls, precision: str, device: str) -> None:
+        if precision == "fp16" and not device.startswith("cuda"):
+            allowed = ", ".join(p for p in cls.precisions if p != "fp16")
+            raise NasError(
+                f"--precision fp16 with --runtime {cls.name} needs --device cuda (allowed on {device}: {allowed})"
+            )
 
     def __init__(self, unet, precision: str = "fp32", device: str = "cpu", tokens: int = 77):
         super().__init__(unet, precision, device, tokens)
-        self.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.compute_dtype = HALF.get(precision, torch.float32)
         unet.to(self._device).eval()
-        if precision == "bf16":  # only then: diffusers logs a warning on every .to(dtype)
-            unet.to(torch.bfloat16)
+        if precision in HALF:  # only then: diffusers logs a warning on every .to(dtype)
+            unet.to(self.compute_dtype)
         if precision == "channels_last":
             unet.to(memory_format=torch.channels_last)
         self.model = self._prepare(unet)
@@ -142,6 +154,27 @@ class CompiledUNet(EagerUNet):
 
     def _prepare(self, unet):
         return torch.compile(unet)
+
+
+class CudaGraphUNet(CompiledUNet):
+    """torch.compile(mode="reduce-overhead"): inductor kernels replayed as CUDA graphs, which removes
+    the per-kernel launch cost that dominates small U-Nets and small batches on a GPU. CUDA only.
+    A replay overwrites the previous call's output buffer, so every output is cloned."""
+
+    name = "cudagraphs"
+    precisions = ("fp32", "bf16", "fp16")
+
+    @classmethod
+    def check_device(cls, precision: str, device: str) -> None:
+        if not device.startswith("cuda"):
+            raise NasError(f"--runtime cudagraphs needs --device cuda (CUDA graphs; allowed on {device}: "
+                           "eager, compile, onnxruntime, openvino)")  # fmt: skip
+
+    def _prepare(self, unet):
+        return torch.compile(unet, mode="reduce-overhead")
+
+    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        return super()._run(sample, timestep, encoder_hidden_states).clone()
 
 
 def export_to_temp(unet, tokens: int) -> tuple[tempfile.TemporaryDirectory, Path]:
@@ -260,6 +293,7 @@ class OpenVinoUNet(RuntimeUNet):
 RUNTIMES: dict[str, type[RuntimeUNet]] = {
     "eager": EagerUNet,
     "compile": CompiledUNet,
+    "cudagraphs": CudaGraphUNet,
     "onnxruntime": OnnxRuntimeUNet,
     "openvino": OpenVinoUNet,
 }

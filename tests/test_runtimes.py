@@ -37,9 +37,9 @@ def _cases():
     for runtime, cls in RUNTIMES.items():
         for precision in cls.precisions:
             marks = []
-            if runtime == "compile":  # inductor compiles C++ for minutes on a busy 2-core machine
+            if runtime in ("compile", "cudagraphs"):  # inductor compiles for minutes on a busy 2-core machine
                 marks.append(pytest.mark.slow)
-            if runtime == "onnxruntime" and precision == "fp16":
+            if precision == "fp16" or runtime == "cudagraphs":  # CUDA only (check_device refuses the CPU)
                 marks += [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
             for module, _ in cls.needs:
                 if importlib.util.find_spec(module) is None:
@@ -63,7 +63,7 @@ def test_each_runtime_and_precision_samples_like_eager(
 ):
     from nas.sample.generate import SampleSettings, build_pipeline, generate, jobs_for
 
-    device = "cuda" if precision == "fp16" else "cpu"
+    device = "cuda" if precision == "fp16" or runtime == "cudagraphs" else "cpu"
     comp = replace(stock_components, unet=copy.deepcopy(stock_components.unet)).to(device)
     settings = SampleSettings(steps=2, batch_size=2, runtime=runtime, precision=precision).check()
     pipe = build_pipeline(comp, settings.scheduler, settings.spacing, runtime, precision)
@@ -122,9 +122,9 @@ def test_export_onnx_refuses_a_folder_without_a_unet(sample_world, tmp_path, cap
 def test_bad_runtime_or_precision_is_one_line_exit_2(sample_world, capsys, monkeypatch):
     run = str(sample_world.run_stock)
     for argv, expected in [
-        (["sample", run, "--runtime", "tensorrt"], "allowed: eager, compile, onnxruntime, openvino"),
+        (["sample", run, "--runtime", "tensorrt"], "allowed: eager, compile, cudagraphs, onnxruntime, openvino"),
         (["sample", run, "--runtime", "openvino", "--precision", "int8"], "allowed: fp32"),
-        (["eval", run, "--runtime", "eager", "--precision", "int8"], "allowed: fp32, bf16, channels_last"),
+        (["eval", run, "--runtime", "eager", "--precision", "int8"], "allowed: fp32, bf16, fp16, channels_last"),
         (
             [
                 "inspect",
@@ -145,6 +145,9 @@ def test_bad_runtime_or_precision_is_one_line_exit_2(sample_world, capsys, monke
     if not HAS_CUDA:
         with pytest.raises(NasError, match="needs --device cuda"):
             check_runtime("onnxruntime", "fp16", "cpu")
+    for runtime, precision in (("eager", "fp16"), ("compile", "fp16"), ("cudagraphs", "fp32")):
+        with pytest.raises(NasError, match="needs --device cuda"):  # whatever the machine has
+            check_runtime(runtime, precision, "cpu")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name)
@@ -235,3 +238,24 @@ def test_space_latency_section_takes_a_runtime(tiny_space, monkeypatch):
     space = tiny_space.model_copy(update={"latency": LatencySetup(runtime="onnxruntime", precision="int8")})
     cost = measure_cost(space, load_arch("search_spaces/archs/tiny_stock.yaml"))
     assert (seen["runtime"], seen["precision"]) == ("onnxruntime", "int8") and cost["latency_ms_p50"] > 0
+
+
+def test_runtime_names_agree_with_the_table():
+    """The CLI and space schema spell the runtimes and precisions out (pydantic Literals for the
+    one-line error); they must be exactly nas.runtimes' table."""
+    from typing import get_args
+
+    from nas.commands.sample import Precision, Runtime
+    from nas.runtimes import PRECISIONS
+    from nas.space.schema import LatencySetup
+
+    assert (
+        set(get_args(Runtime))
+        == set(RUNTIMES)
+        == set(get_args(LatencySetup.model_fields["runtime"].annotation))
+    )
+    assert (
+        set(get_args(Precision))
+        == set(PRECISIONS)
+        == set(get_args(LatencySetup.model_fields["precision"].annotation))
+    )

@@ -32,7 +32,8 @@ class Settings(CommandSettings):
     channels_last: bool = arg(False, "channels_last memory format")
     compile: bool = arg(False, "torch.compile the model before timing")
     runtime: Runtime | None = arg(
-        None, "time the U-Net behind this runtime (eager, compile, onnxruntime, openvino); with --precision"
+        None,
+        "time the U-Net behind this runtime (eager, compile, cudagraphs, onnxruntime, openvino); with --precision",
     )
     precision: Precision | None = arg(
         None, "the runtime's precision (default fp32; README, deploy-time runtimes)"

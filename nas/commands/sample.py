@@ -13,7 +13,9 @@ from nas.settings import CommandSettings, arg
 Scheduler = Literal["ddim", "dpmpp", "euler"]  # keys of nas.sample.run.SCHEDULERS
 Spacing = Literal["trailing", "leading", "linspace"]  # nas.sample.run.SPACINGS
 Weights = Literal["auto", "ema", "raw"]  # nas.sample.run.WEIGHTS
-Runtime = Literal["eager", "compile", "onnxruntime", "openvino"]  # keys of nas.runtimes.RUNTIMES
+Runtime = Literal[
+    "eager", "compile", "cudagraphs", "onnxruntime", "openvino"
+]  # keys of nas.runtimes.RUNTIMES
 Precision = Literal["fp32", "bf16", "channels_last", "int8", "fp16"]  # nas.runtimes.PRECISIONS
 MAX_STEPS = L.MAX_SAMPLE_STEPS  # denoising steps: at most one per training timestep
 MAX_IMAGES = L.MAX_IMAGES  # images per prompt or per step count; more would run for days
@@ -30,7 +32,9 @@ class Sampling(CommandSettings):
     batch_size: int = arg(8, "images per pipeline call", ge=1, le=L.MAX_SAMPLE_BATCH)
     device: str = arg("cpu", "torch device (cpu, cuda, cuda:1, mps)")
     quiet: bool = arg(False, "no progress bar")
-    runtime: Runtime = arg("eager", "runtime of the U-Net: eager, compile, onnxruntime, openvino")
+    runtime: Runtime = arg(
+        "eager", "runtime of the U-Net: eager, compile, cudagraphs (CUDA), onnxruntime, openvino"
+    )
     precision: Precision = arg(
         "fp32", "U-Net precision; each runtime allows some (README, deploy-time runtimes)"
     )

@@ -192,7 +192,7 @@ class LatencySetup(Strict):
     iters: int = Field(10, ge=1, le=L.MAX_LATENCY_ITERS)  # timed forwards; median and p90 reported
     # deploy-time runtime the U-Net is timed behind (nas/runtimes.py RUNTIMES) and its precision;
     # with a runtime other than eager fp32, `dtype` stays fp32 (the precision says it)
-    runtime: Literal["eager", "compile", "onnxruntime", "openvino"] = "eager"
+    runtime: Literal["eager", "compile", "cudagraphs", "onnxruntime", "openvino"] = "eager"
     precision: Literal["fp32", "bf16", "channels_last", "int8", "fp16"] = "fp32"
 
     @model_validator(mode="after")
