@@ -113,7 +113,7 @@ class EagerUNet(RuntimeUNet):
     memory order (faster convolutions on many CPUs and on tensor cores)."""
 
     name = "eager"
-    precisions = ("fp32", "bf16", "fp16", "channels_last")
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16", "channels_last")
 
     @classmethod
     def check_device(cls, precision: str, device: str) -> None:
