@@ -122,9 +122,15 @@ def test_export_onnx_refuses_a_folder_without_a_unet(sample_world, tmp_path, cap
 def test_bad_runtime_or_precision_is_one_line_exit_2(sample_world, capsys, monkeypatch):
     run = str(sample_world.run_stock)
     for argv, expected in [
-        (["sample", run, "--runtime", "tensorrt"], "allowed: eager, compile, cudagraphs, onnxruntime, openvino"),
+        (
+            ["sample", run, "--runtime", "tensorrt"],
+            "allowed: eager, compile, cudagraphs, onnxruntime, openvino",
+        ),
         (["sample", run, "--runtime", "openvino", "--precision", "int8"], "allowed: fp32"),
-        (["eval", run, "--runtime", "eager", "--precision", "int8"], "allowed: fp32, bf16, fp16, channels_last"),
+        (
+            ["eval", run, "--runtime", "eager", "--precision", "int8"],
+            "allowed: fp32, bf16, fp16, channels_last",
+        ),
         (
             [
                 "inspect",
@@ -154,6 +160,26 @@ def test_bad_runtime_or_precision_is_one_line_exit_2(sample_world, capsys, monke
     )
     with pytest.raises(NasError, match="openvino package is not installed"):
         wrap_unet(torch.nn.Linear(1, 1), "openvino")
+
+
+def _inspect_cases():
+    """Every runtime at its first precision; marks (slow, gpu, not installed) as in _cases."""
+    seen = set()
+    for case in _cases():
+        runtime = case.values[0]
+        if runtime not in seen:
+            seen.add(runtime)
+            yield case
+
+
+@pytest.mark.parametrize(("runtime", "precision"), list(_inspect_cases()))
+def test_inspect_times_every_runtime(runtime, precision, capsys):
+    device = "cuda" if runtime == "cudagraphs" else "cpu"
+    argv = ["inspect", "search_spaces/archs/tiny_stock.yaml", "--latency", "--json", "--warmup", "1",
+            "--iters", "2", "--device", device, "--runtime", runtime, "--precision", precision]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["runtime"], report["precision"]) == (runtime, precision) and report["latency_ms_p50"] > 0
 
 
 def test_inspect_latency_behind_a_runtime(capsys):
