@@ -243,6 +243,12 @@ def test_sd15_seeds_decidiffusion_at_full_size_on_meta():
     assert statuses == {"copied", "new", "identity-init"}  # same widths: nothing sliced
     copied = sum(s.numel for s in steps if s.status == "copied")
     assert copied > 0.5 * sum(s.numel for s in steps)
+    counts = {status: sum(s.status == status for s in steps) for status in statuses}
+    assert (counts, copied, len(the_plan.dropped)) == (  # the README's figures
+        {"copied": 400, "new": 192, "identity-init": 20},
+        478_004_484,
+        15,
+    )
     assert "down_blocks.3.resnets.0" in the_plan.dropped and "up_blocks.0.resnets.0" in the_plan.dropped
     assert any(
         n.startswith("mid_block (mid.resolution half) <- the teacher's mid_block") for n in the_plan.notes
