@@ -92,7 +92,7 @@ class TeacherStage(Strict):
 
 class SearchStage(Strict):
     space: str  # search-space YAML, relative to the experiment file
-    trials: int = Field(12, ge=1, le=MAX_TRIALS)
+    trials: int = Field(30, ge=1, le=MAX_TRIALS)  # as `nas search` (see nas/search/settings.py)
     sampler: SamplerName = "tpe"
     backend: Backend = "optuna"
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
