@@ -270,7 +270,8 @@ def longer_mode(args) -> dict:
         baseline = next(t for t in study.trials if "baseline" in t.user_attrs)
         picks.setdefault("baseline", {"study": study.study_name, "trial": baseline.number,
                                       "arch": baseline.user_attrs["arch"],
-                                      "proxy_loss": baseline.user_attrs["proxy_loss"]})  # fmt: skip
+                                      "proxy_loss": baseline.user_attrs["proxy_loss"],
+                                      "latency_ms": baseline.user_attrs.get("latency_ms_p50")})  # fmt: skip
         picks[sampler] = {"study": f"{sampler}-s{seed}", "trial": trial.number, "arch": trial.user_attrs["arch"],
                           "proxy_loss": trial.user_attrs["proxy_loss"],
                           "latency_ms": trial.user_attrs.get("latency_ms_p50")}  # fmt: skip
@@ -298,7 +299,7 @@ def longer_mode(args) -> dict:
     write_json(path, result)
     base = picks.get("baseline", {}).get("long_loss")
     lines = [f"Picks (`{args.pick}`, each sampler's best seed) and the baseline, trained {steps} steps"
-             f" ({args.longer}x the proxy), {args.repeats} seeds each; Spearman(proxy, longer) = {rho:.2f}.", "",
+             f" ({args.longer}x the proxy), {args.repeats} training seed(s) each; Spearman(proxy, longer) = {rho:.2f}.", "",
              "| pick | study, trial | latency ms | proxy loss | longer: validation loss (mean [min, max]) | vs baseline |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for label, row in picks.items():
