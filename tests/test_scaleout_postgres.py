@@ -43,12 +43,17 @@ def test_three_workers_reach_the_exact_count_then_export_and_report(
     postgres_url, search_cache, space_file, tmp_path, capsys
 ):
     space, results = space_file("pg"), tmp_path / "results"
-    subprocess.run(_search(space, search_cache, results, postgres_url, 6, "--workers", "3"),
-                   env=_env(), check=True, timeout=HANG)  # fmt: skip
+    run = subprocess.run(_search(space, search_cache, results, postgres_url, 6, "--workers", "3"),
+                         env=_env(), check=True, timeout=HANG, capture_output=True, text=True)  # fmt: skip
+    assert "extra local workers exited with errors" not in run.stderr, run.stderr[-2000:]  # both children ran
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     trials = _check_counts(study, 6)
+    # Which processes ran the trials is up to the machine: the parent has torch loaded and may
+    # finish all 6 tiny trials while a loaded host is still starting its 2 children (seen in CI).
+    # That the count stays exact whoever runs them is the property; workers started at the same
+    # moment sharing a study is test_simultaneous_workers_join_and_a_killed_remote_worker_is_retried.
     workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
-    assert len(workers) >= 2, f"the work was not shared: {workers}"
+    assert 1 <= len(workers) <= 3 and all(w.rsplit(":", 1)[1].isdigit() for w in workers), workers
 
     out = tmp_path / "export"
     assert (

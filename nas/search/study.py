@@ -452,8 +452,10 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
             show_progress_bar=False,
         )
     bar.close()
-    for child in children:
-        child.wait()
+    failed = [(c.pid, code) for c in children if (code := c.wait()) != 0]
+    if failed:  # the study is complete (others ran their share); say so rather than hide it
+        print(f"warning: study {settings.study}: extra local workers exited with errors (pid, code): {failed}",
+              file=sys.stderr)  # fmt: skip
     export_trials_csv(study, settings.folder / "trials.csv")
     return study
 
