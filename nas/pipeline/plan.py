@@ -93,7 +93,7 @@ class TeacherStage(Strict):
 class SearchStage(Strict):
     space: str  # search-space YAML, relative to the experiment file
     trials: int = Field(30, ge=1, le=MAX_TRIALS)  # as `nas search` (see nas/search/settings.py)
-    sampler: SamplerName = "tpe"
+    sampler: SamplerName = "gp"  # as `nas search` (see nas/search/settings.py)
     backend: Backend = "optuna"
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     seed: int = Field(0, ge=0, le=L.MAX_SEED)
