@@ -114,7 +114,7 @@ def test_dry_run_prints_the_settings_and_does_no_work(capsys, tmp_path):
     # the space is read and checked (as the search checks it before its first trial), nothing run
     argv = ["search", str(SPACES / "tiny.yaml"), "--study", "s", "--results", str(results), "--dry-run"]
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["sampler"] == "tpe" and not results.exists()
+    assert json.loads(capsys.readouterr().out)["sampler"] == "gp" and not results.exists()
 
 
 def test_sampler_choices_match_the_sampler_table():
