@@ -35,7 +35,7 @@ import torch
 from scipy.stats import spearmanr
 
 from nas.cost import LoadWarning, arch_cost, measure_latency
-from nas.latency_build import build_table, fit_archs
+from nas.latency_build import build_table, fit_archs, recalibrate
 from nas.latency_table import TableSetup, blocks_ms, fit_correction, load_table, predict, refit, write_table
 from nas.runfolder import environment, write_json, write_text
 from nas.space import RandomChoices, build_unet, canonical, load_space, sample_arch
@@ -134,28 +134,57 @@ SEED = 100  # of the validation networks (a --refit draws them again)
 
 
 def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: int = 7, passes: int = 5,
-                   iters: int = 5, fit: int = 6, seed: int = SEED) -> dict:  # fmt: skip
+                   iters: int = 5, fit: int = 6, seed: int = SEED, schedule: str = "interleaved",
+                   stale: Path | None = None) -> dict:  # fmt: skip
+    """`schedule`: `interleaved` measures one pass over the validation networks after each round of
+    the table build (blocks, then fit networks, then these; rounds = passes), so the table and its
+    reference see the same machine state; `after` builds the table first and measures after it, as
+    a user would, and so also scores how far the machine's speed drifted in between. `stale`: a
+    folder of tables built earlier (another session); each is scored as stored and after
+    `nas latency-table --recalibrate` (its fit networks measured again just before the validation
+    passes, `rounds` passes)."""
     space = load_space(space_path)
     lat = space.latency
+    if schedule == "interleaved":
+        rounds = passes
     setup = TableSetup(dtype=lat.dtype, batch=lat.batch, warmup=3, rounds=rounds)
     table_path = out / f"table_{space.name}.json"
     partial = table_path.with_name(table_path.name + ".partial")
     partial.unlink(missing_ok=True)  # a fresh build: its time is one of the figures
-    table = build_table(space, table_path, device, setup, fit_count=fit, fit_iters=10)
     fitted = fit_archs(space, fit)
     archs = draw(space, count, {json.dumps(canonical(a), sort_keys=True) for a in fitted}, seed)
     models = {a.name: build_unet(a) for a in archs}
     runs: dict[str, list[dict]] = {a.name: [] for a in archs}
-    started = time.perf_counter()
-    for p in range(passes):  # interleaved: load that comes and goes hits every network alike
+    seconds = [0.0]
+
+    def one_pass(p: int) -> None:
+        started = time.perf_counter()
         for a in archs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", LoadWarning)  # recorded per measurement instead
                 m = measure_latency(models[a.name], a, device=device, batch=lat.batch, dtype=lat.dtype,
                                     warmup=lat.warmup, iters=iters)  # fmt: skip
             runs[a.name].append({"ms": m.latency_ms_p50, "other_cores_busy": m.other_cores_busy})
-        print(f"  {space.name}: pass {p + 1}/{passes} over {len(archs)} networks")
-    whole_seconds = time.perf_counter() - started
+        seconds[0] += time.perf_counter() - started
+        print(f"  {space.name}: validation pass {p + 1}/{passes} over {len(archs)} networks")
+
+    hook = one_pass if schedule == "interleaved" else None
+    table = build_table(space, table_path, device, setup, fit_count=fit, fit_iters=10, after_round=hook)
+    if schedule == "interleaved":  # its build time without the validation passes inside it
+        table = table.model_copy(update={"build_seconds": round(table.build_seconds - seconds[0], 1)})
+        write_table(table_path, table)
+    else:
+        extra = {}
+        if stale is not None:
+            old = load_table(stale / f"table_{space.name}.json")
+            recal = out / f"table_{space.name}_recalibrated.json"
+            write_table(recal, old)
+            started = time.perf_counter()
+            extra = {"stale": old, "recalibrated": recalibrate(space, recal, device, rounds, 10)}
+            recal_seconds = time.perf_counter() - started
+        for p in range(passes):  # interleaved: load that comes and goes hits every network alike
+            one_pass(p)
+    whole_seconds = seconds[0]
     rows = []
     for a in archs:
         cost = arch_cost(a, batch=lat.batch)
@@ -168,8 +197,13 @@ def validate_space(space_path, device: str, out: Path, count: int = 30, rounds: 
     measured = [r["measured_ms"] for r in rows]
     fit_cost = {p.arch: arch_cost(a, batch=lat.batch) for p, a in zip(table.fit.points, fitted)}
     fit_ms = [p.measured_ms for p in table.fit.points]
-    result: dict = {"space": space.name, "count": len(rows), "rows": rows}
+    result: dict = {"space": space.name, "count": len(rows), "schedule": schedule, "rows": rows}
     score(result, table, archs)
+    if schedule == "after" and stale is not None:
+        for key, other in extra.items():
+            result[key] = figures([predict(other, a)["latency_ms_p50"] for a in archs], measured)
+            result[f"{key}_slope"] = other.fit.slope
+        result.update(stale_created=extra["stale"].created, recalibration_seconds=recal_seconds)
     for key in ("macs", "params"):  # the same calibration budget: a line on the table's fit networks
         slope, intercept = _line([fit_cost[p.arch][key] for p in table.fit.points], fit_ms)
         result[key] = figures([slope * r[key] + intercept for r in rows], measured)
@@ -238,10 +272,17 @@ def readme(summary: dict) -> str:
         "",
         f"Made by `experiments/latency_model.py` on {env['cpu']} ({env['cpu_cores']} cores), torch"
         f" {env['torch']}, {summary['threads']} threads, device `{summary['device']}`, {summary['date']}."
-        " Per space: the table is built (every block timed, correction fitted on its fit networks), then"
+        " Per space: the table is built (every block timed, correction fitted on its fit networks),"
         f" {summary['results'][0]['count']} random other networks are measured whole"
         f" (nas.cost.measure_latency, {summary.get('passes', 5)} interleaved passes of"
-        f" {summary.get('iters', 5)} timed forwards, median) and predicted from the table.",
+        f" {summary.get('iters', 5)} timed forwards, median) and predicted from the table."
+        + (
+            " Schedule `interleaved`: one validation pass after each round of the table build (blocks,"
+            " fit networks, validation networks), so table and reference see the same machine state."
+            if summary.get("schedule") == "interleaved"
+            else " Schedule `after`: the validation passes follow the build, as a user's use of a table does;"
+            " a change in the machine's speed between the two shows as error."
+        ),
         "MACs and params are made into milliseconds by a line through the same fit networks."
         " `ratio`: prediction = median over the fit networks of (measured / blocks) x blocks;"
         " `line`: least-squares slope and intercept through the same fit networks (the model before)."
@@ -255,6 +296,8 @@ def readme(summary: dict) -> str:
         for key, label in (
             ("predictor", f"**table ({r.get('correction', 'line')})**"),
             ("predictor_line", "table (line)"),
+            ("stale", "table built in an earlier session, as stored"),
+            ("recalibrated", "the same, `--recalibrate`d just before"),
             ("predictor_vs_fastest_pass", "table vs fastest pass"),
             ("predictor_vs_one_pass", "table vs one pass"),
             ("repeat_vs_one_pass", "repeat: other passes vs one pass"),
@@ -268,6 +311,11 @@ def readme(summary: dict) -> str:
                 f"| {r['space']} | {label} | {f['spearman']:.3f} | {f['mape_pct']:.1f}% |"
                 f" {100 * f['within_10pct']:.0f}% | {f['max_abs_error_pct']:.0f}% |"
             )
+    for r in summary["results"]:
+        if "recalibration_seconds" in r:
+            lines += ["", f"{r['space']}: the table built {r['stale_created']} had the correction"
+                      f" {r['stale_slope']:.3f} x blocks; `--recalibrate` ({r['table_fit_networks']} fit networks"
+                      f" measured again, {r['recalibration_seconds']:.0f} s) made it {r['recalibrated_slope']:.3f}."]  # fmt: skip
     lines += ["", "| space | blocks | table build (incl. fit networks) | 30 networks measured whole (1 pass) |"
               " other cores busy (table / whole, median / max) |", "|---|---:|---:|---:|---|"]  # fmt: skip
     for r in summary["results"]:
@@ -314,6 +362,10 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=6, help="whole networks the table's correction is fitted on")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spaces", nargs="+", default=SPACES)
+    ap.add_argument("--schedule", choices=["interleaved", "after"], default="interleaved",
+                    help="validation passes inside the table build's rounds, or after the build")  # fmt: skip
+    ap.add_argument("--stale", type=Path, default=None,
+                    help="with --schedule after: tables built earlier, scored as stored and recalibrated")  # fmt: skip
     ap.add_argument("--note", default="", help="free text appended to the README (machine load, caveats)")
     ap.add_argument("--from-json", type=Path, default=None, help="redo README and plot from validation.json")
     ap.add_argument(
@@ -333,11 +385,11 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)  # the same for block timing and whole networks
         out = args.out
-        results = [validate_space(s, args.device, out, args.count, args.rounds, args.passes, args.iters, args.fit)
-                   for s in args.spaces]  # fmt: skip
+        results = [validate_space(s, args.device, out, args.count, args.rounds, args.passes, args.iters, args.fit,
+                                  schedule=args.schedule, stale=args.stale) for s in args.spaces]  # fmt: skip
         summary = {"device": args.device, "threads": torch.get_num_threads(), "environment": environment(),
                    "date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note, "passes": args.passes,
-                   "iters": args.iters, "rounds": args.rounds, "results": results}  # fmt: skip
+                   "iters": args.iters, "rounds": args.rounds, "schedule": args.schedule, "results": results}  # fmt: skip
     write_json(out / "validation.json", summary)
     plot(summary["results"], out / "predicted_vs_measured.png")
     write_text(out / "README.md", readme(summary))

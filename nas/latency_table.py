@@ -95,6 +95,10 @@ class LatencyTable(Strict):
     other_cores_busy: float = 0.0  # most CPU cores other processes kept busy in any round
     build_seconds: float = 0.0
     created: str = ""
+    fit_seed: int = 0  # seed of the random fit networks (nas.latency_build.fit_archs), to measure them again
+    # when `nas latency-table --recalibrate` last re-measured the fit networks and refitted the
+    # correction (blocks kept): "" for never
+    recalibrated: str = ""
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -122,10 +126,13 @@ def time_blocks(
     done: dict[str, list[float]],
     save: Callable[[dict[str, list[float]], dict[str, int], float], None],
     log: Callable[[str], None] = print,
+    after_round: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, int], float]:
     """Time each block: warm-up, then `rounds` interleaved rounds (every block once per round, so
     load that comes and goes hits all blocks alike). `done` holds rounds of an interrupted run and
-    grows in place; `save` is called after every round. Returns (calls per sample, most busy cores)."""
+    grows in place; `save` is called after every round, then `after_round(index)` (the table build
+    measures its whole networks there, under the same machine state). Returns (calls per sample,
+    most busy cores)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     runs = []
@@ -160,6 +167,9 @@ def time_blocks(
                 f"  round {r + 1}/{setup.rounds}: {len(runs)} blocks in {time.perf_counter() - started:.1f} s"
                 + (f", other processes busy on {cores:.1f} cores" if cores > BUSY_CORES_WARN else "")
             )
+            if after_round is not None:
+                with torch.inference_mode(False):  # whole networks are built and run as the search does
+                    after_round(r)
     return {k: c for k, _, _, c in runs}, busiest
 
 
@@ -252,14 +262,17 @@ def refit(table: LatencyTable, model: str = DEFAULT_CORRECTION) -> LatencyTable:
     return table.model_copy(update={"fit": fit_correction(table.fit.points, model)})
 
 
-def measure_whole(arch: Arch, setup: TableSetup, device: str, iters: int) -> FitPoint:
-    """Whole-network latency as the search's `source: measure` takes it."""
+def measure_whole(
+    arch: Arch, setup: TableSetup, device: str, iters: int, model: torch.nn.Module | None = None
+) -> FitPoint:
+    """Whole-network latency as the search's `source: measure` takes it (`model`: `arch` built
+    already, reused over passes)."""
     from nas.space import build_unet
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoadWarning)  # recorded in the point instead
         lat = measure_latency(
-            build_unet(arch),
+            build_unet(arch) if model is None else model,
             arch,
             device=device,
             batch=setup.batch,

@@ -123,7 +123,7 @@ def _fake_clock(monkeypatch):
 
     monkeypatch.setattr(lt, "OtherLoad", QuietLoad)
 
-    def whole(arch, setup, device, iters):
+    def whole(arch, setup, device, iters, model=None):
         ms = 10.0 + 3.0 * len(arch_blocks(arch))
         return lt.FitPoint(arch=arch.name, blocks_ms=0.0, measured_ms=ms, measured_p90_ms=1.5 * ms)
 
@@ -140,29 +140,36 @@ def test_build_predict_and_resume(tiny_space, tmp_path, monkeypatch):
 
     def interrupt(line):
         lines.append(line)
-        if "round 2/3" in line:
+        if "round 2/3" in line:  # round 2's blocks are saved, its pass over the networks not begun
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=interrupt)
     assert not out.exists() and lb.partial_path(out).exists()  # nothing half-written
+    assert "whole networks" in lines[-2]  # round 1's blocks and then its networks were measured
     lines.clear()
-
-    def interrupt_fit(line):
-        lines.append(line)
-        if "network 2/4" in line:  # last of the 3 passes over the fit networks
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=interrupt_fit)
-    assert any(line.startswith("resuming") for line in lines)
-    assert not any("round 1/3" in line for line in lines)  # the done rounds are not rerun
-    lines.clear()
-    measured = []
     whole = lb.measure_whole
-    monkeypatch.setattr(lb, "measure_whole", lambda arch, *a: measured.append(arch.name) or whole(arch, *a))
+    measured: list[str] = []
+
+    def count(arch, *a, **k):
+        measured.append(arch.name)
+        if len(measured) == 3:  # round 3's blocks run first, then this: the 3rd network of round 3
+            raise KeyboardInterrupt
+        return whole(arch, *a, **k)
+
+    monkeypatch.setattr(lb, "measure_whole", count)
+    with pytest.raises(KeyboardInterrupt):
+        lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append)
+    assert any(line.startswith("resuming") for line in lines)
+    assert not any("round 1/3" in line or "round 2/3" in line for line in lines)  # done rounds stay done
+    lines.clear()
+    measured.clear()
+    monkeypatch.setattr(
+        lb, "measure_whole", lambda arch, *a, **k: measured.append(arch.name) or whole(arch, *a, **k)
+    )
     table = lb.build_table(tiny_space, out, "cpu", SETUP, fit_count=4, log=lines.append, correction="line")
-    assert len(measured) == 2  # networks 3 and 4 of the last pass only
+    assert len(measured) == 4 + 2  # round 2's four networks, then networks 3 and 4 of round 3
+    assert sum("whole networks" in line for line in lines) == 2
     assert not lb.partial_path(out).exists()
     loaded = lt.load_table(out)
     assert loaded == table
@@ -296,6 +303,49 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     )
     assert "latency table not found" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_recalibrate_refits_the_correction_keeps_the_blocks(tiny_space, tiny_table, monkeypatch, capsys):
+    """The machine now runs whole networks at twice the time: the refitted line doubles, the blocks
+    stay, the fit networks are those of the build (its seed), and the table says when."""
+    before = lt.load_table(tiny_table)
+    assert before.fit_seed == 0 and not before.recalibrated
+    slower = lb.measure_whole
+
+    def twice(arch, *a, **k):
+        point = slower(arch, *a, **k)
+        return point.model_copy(update={"measured_ms": 2 * point.measured_ms})
+
+    monkeypatch.setattr(lb, "measure_whole", twice)
+    lines: list[str] = []
+    after = lb.recalibrate(tiny_space, tiny_table, "cpu", passes=2, iters=1, log=lines.append)
+    assert (after.fit.slope, after.fit.intercept_ms) == pytest.approx((6.0, 20.0))
+    assert after.blocks == before.blocks and after.recalibrated
+    assert [p.arch for p in after.fit.points] == [p.arch for p in before.fit.points]
+    assert lt.load_table(tiny_table) == after
+    assert sum("whole networks" in line for line in lines) == 2 and "3.000 -> 6.000" in lines[-1]
+
+
+def test_recalibrate_refuses_another_device_or_space(tiny_space, tiny_table, tmp_path, capsys):
+    from nas.cli import main
+
+    table = lt.load_table(tiny_table)
+    other = tmp_path / "other.json"
+    lt.write_table(
+        other, table.model_copy(update={"device": table.device.model_copy(update={"name": "NVIDIA A10G"})})
+    )
+    with pytest.raises(NasError, match=r"measured on cpu 'NVIDIA A10G'.*recalibrate a table on the device"):
+        lb.recalibrate(tiny_space, other, "cpu")
+    renamed = [table.fit.points[0].model_copy(update={"arch": "elsewhere"}), *table.fit.points[1:]]
+    lt.write_table(other, table.model_copy(update={"fit": table.fit.model_copy(update={"points": renamed})}))
+    with pytest.raises(NasError, match="fit networks are not those of space tiny"):
+        lb.recalibrate(tiny_space, other, "cpu", passes=1, iters=1)
+    before = other.read_bytes()
+    missing = tmp_path / "missing.json"
+    args = ["latency-table", str(SPACES / "tiny.yaml"), "--recalibrate", "--rounds", "1"]
+    assert main([*args, "--out", str(missing)]) == 2
+    assert "latency table not found" in capsys.readouterr().err and not missing.exists()
+    assert other.read_bytes() == before  # nothing half-written
 
 
 @pytest.mark.gpu

@@ -1,6 +1,8 @@
 """Time every distinct block of a search space on one device into a latency lookup table (JSON),
 and fit its correction on a few whole networks; `latency: {source: table, table: PATH}` in a space
-then predicts each trial's latency from it. An interrupted run resumes from TABLE.json.partial."""
+then predicts each trial's latency from it. An interrupted run resumes from TABLE.json.partial.
+`--recalibrate` measures an existing table's fit networks again and refits its correction (seconds,
+not a build): for a shared host whose speed drifts, run it before a search."""
 
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ class Settings(CommandSettings):
     fit: int = arg(6, "whole networks the correction is fitted on", ge=0, le=L.MAX_LATENCY_ITERS)
     fit_iters: int = arg(10, "timed forwards per whole network", ge=1, le=L.MAX_LATENCY_ITERS)
     seed: int = arg(0, "seed of the random fit networks", ge=0, le=L.MAX_SEED)
+    recalibrate: bool = arg(
+        False,
+        "re-measure the fit networks of the existing table --out now (--rounds passes) and refit its"
+        " correction; blocks kept",
+    )
     correction: Literal["ratio", "line"] = arg(
         "ratio",
         "how block sums map to whole networks: ratio (median measured/blocks) or line (least squares)",
@@ -36,7 +43,7 @@ SETTINGS = Settings
 
 
 def run(args: Settings) -> int:
-    from nas.latency_build import build_table
+    from nas.latency_build import build_table, recalibrate
     from nas.latency_table import TableSetup, summary
     from nas.space import load_space
 
@@ -50,6 +57,10 @@ def run(args: Settings) -> int:
         raise NasError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise NasError(f"--device {device}: CUDA is not available on this machine")
+    if args.recalibrate:
+        table = recalibrate(space, Path(args.out), device, args.rounds, args.fit_iters)
+        print(f"recalibrated {args.out}: {summary(table)}")
+        return 0
     setup = TableSetup(
         dtype=args.dtype or space.latency.dtype,
         batch=args.batch or space.latency.batch,
