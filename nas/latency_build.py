@@ -1,8 +1,7 @@
 """Build a latency table: time every block of a space on a device and fit the correction on a few
 whole networks, measured in the same rounds: after each round over the blocks, one pass over the
-networks, so a machine whose speed drifts during the build (a shared host: this project's CPU ran
-2.4x faster in one hour than in another) moves both sides of the correction alike. Resumable: the rounds done and the networks measured so far are kept in
-TABLE.json.partial (atomic writes) and picked up by a rerun with the same setup; the table itself
+networks, so a machine whose speed drifts during the build moves both sides of the correction
+alike. Resumable: the rounds done and the networks measured so far are kept in TABLE.json.partial (atomic writes) and picked up by a rerun with the same setup; the table itself
 is written once, complete."""
 
 from __future__ import annotations
@@ -45,6 +44,17 @@ def fit_archs(space: Space, count: int, seed: int = 0) -> list[Arch]:
     while len(archs) < count:
         archs.append(sample_arch(space, rng, name=f"{space.name}-fit{len(archs)}"))
     return archs[: max(count, 0)]
+
+
+def median_point(table: LatencyTable, arch: Arch, measured: list[FitPoint]) -> FitPoint:
+    """One fit network's point: its block sum in `table` and the medians of its measured passes."""
+    return FitPoint(
+        arch=arch.name,
+        blocks_ms=blocks_ms(table, arch),
+        measured_ms=statistics.median(m.measured_ms for m in measured),
+        measured_p90_ms=statistics.median(m.measured_p90_ms for m in measured),
+        other_cores_busy=max(m.other_cores_busy for m in measured),
+    )
 
 
 def partial_path(out: str | Path) -> Path:
@@ -147,13 +157,7 @@ def build_table(
     points = []
     for i, arch in enumerate(archs):
         measured = [FitPoint(**r[i]) for r in runs[: setup.rounds]]
-        point = FitPoint(
-            arch=arch.name,
-            blocks_ms=blocks_ms(table, arch),
-            measured_ms=statistics.median(m.measured_ms for m in measured),
-            measured_p90_ms=statistics.median(m.measured_p90_ms for m in measured),
-            other_cores_busy=max(m.other_cores_busy for m in measured),
-        )
+        point = median_point(table, arch, measured)
         points.append(point)
         log(f"  network {i + 1}/{len(archs)} {arch.name}: {point.measured_ms:.2f} ms whole"
             f" (median of {len(measured)} rounds), {point.blocks_ms:.2f} ms blocks")  # fmt: skip
@@ -187,7 +191,8 @@ def recalibrate(
 ) -> LatencyTable:
     """Measure the table's fit networks again, now, on `device` (`passes` interleaved passes,
     median) and refit its correction; the blocks are kept. A shared host's speed drifts (this
-    project's CPU ran 2.4x faster in one hour than in another): a correction refitted minutes
+    project's CPU ran whole networks 1.6-2.0x faster than 2 hours before,
+    results/latency_model/after15): a correction refitted minutes
     before a search carries today's speed into every prediction, at the cost of a few whole
     networks instead of a table build. The table must be of this device (type and name) and
     space; it is rewritten atomically, once."""
@@ -214,16 +219,7 @@ def recalibrate(
         for a in archs:
             runs[a.name].append(measure_whole(a, table.setup, device, iters, model=models[a.name]))
         log(f"  pass {p + 1}/{passes}: {len(archs)} whole networks in {time.perf_counter() - started:.1f} s")
-    points = [
-        FitPoint(
-            arch=a.name,
-            blocks_ms=blocks_ms(table, a),
-            measured_ms=statistics.median(m.measured_ms for m in runs[a.name]),
-            measured_p90_ms=statistics.median(m.measured_p90_ms for m in runs[a.name]),
-            other_cores_busy=max(m.other_cores_busy for m in runs[a.name]),
-        )
-        for a in archs
-    ]
+    points = [median_point(table, a, runs[a.name]) for a in archs]
     fit = fit_correction(points, table.fit.model)
     busy = max((p.other_cores_busy for p in points), default=0.0)
     new = table.model_copy(
