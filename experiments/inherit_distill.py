@@ -107,13 +107,13 @@ def fidelity(args, rows: dict, out: Path) -> None:
 # ---- quality -------------------------------------------------------------------------------------
 
 
-def _train(args, run: Path, steps: int, distill: bool) -> None:
+def _train(args, run: Path, steps: int, distill: bool, seed: int = 0) -> None:
     if (run / "final").exists():
         return
     cmd = [*NAS, "train", "tiny", "--arch", args.arch, "--cache", args.cache, "--out", str(run),
            "--max-steps", str(steps), "--quiet"]  # fmt: skip
     # warm-up: the recipe's 20 steps, or 10% of a short run
-    sets = [f"warmup_steps={min(20, steps // 10)}", f"checkpoint_every={steps}"]
+    sets = [f"warmup_steps={min(20, steps // 10)}", f"checkpoint_every={steps}", f"seed={seed}"]
     if distill:
         sets.append(f"distill={{teacher: {Path(args.teacher).resolve()}, init: inherit}}")
     if (run / "checkpoints").exists():
@@ -122,7 +122,7 @@ def _train(args, run: Path, steps: int, distill: bool) -> None:
 
 
 def _eval(args, run: Path, steps: list[int]) -> dict:
-    out = run / "eval30" if steps == [30] else run / "eval"
+    out = run / ("eval30" if steps == [30] else "eval-" + "-".join(map(str, steps)))
     if not (out / "eval.json").exists():
         cmd = [*NAS, "eval", str(run), "--n", str(args.n), "--evaluator", args.evaluator, "--out", str(out),
                "--steps", *map(str, steps), "--quiet"]  # fmt: skip
@@ -147,23 +147,28 @@ def _step_seconds(run: Path) -> dict[str, float]:
 def quality(args, rows: dict, out: Path) -> None:
     runs = rows.setdefault("quality", {})
     plan = [("scratch", s) for s in args.scratch_steps] + [("distill", s) for s in args.distill_steps]
-    for method, steps in plan:
-        key = f"{method}-{steps}"
-        if key in runs:
-            continue
-        run = out / "runs" / key
-        if method == "scratch" and steps == args.reuse_steps and args.reuse_scratch:
-            run = Path(args.reuse_scratch)  # the same architecture, recipe and cache, trained already
-        t0 = time.perf_counter()
-        _train(args, run, steps, distill=method == "distill")
-        seconds = time.perf_counter() - t0
-        result = _eval(args, run, [30])["results"][0]
-        runs[key] = {"method": method, "steps": steps, "run": str(run), "train_seconds": seconds,
-                     "alignment": result["alignment"], "fd": result.get("frechet_distance"), **_step_seconds(run)}  # fmt: skip
-        save_rows(out, rows)
-        print(f"quality {key}: alignment {result['alignment']:.3f}", flush=True)
-    if "teacher_eval" not in rows:
-        rows["teacher_eval"] = _eval(args, Path(args.teacher), [10, 20, 30, 50])["results"]
+    for seed in args.seeds:
+        for method, steps in plan:
+            key = f"{method}-{steps}" + (f"-s{seed}" if seed else "")  # seed 0: the first layout's keys
+            if key in runs:
+                continue
+            run = out / "runs" / key
+            if method == "scratch" and steps == args.reuse_steps and args.reuse_scratch and seed == 0:
+                run = Path(
+                    args.reuse_scratch
+                )  # the same architecture, recipe, cache and seed, trained already
+            t0 = time.perf_counter()
+            _train(args, run, steps, distill=method == "distill", seed=seed)
+            seconds = time.perf_counter() - t0
+            result = _eval(args, run, [30])["results"][0]
+            runs[key] = {"method": method, "steps": steps, "seed": seed, "run": str(run), "train_seconds": seconds,
+                         "alignment": result["alignment"], "fd": result.get("frechet_distance"),
+                         **_step_seconds(run)}  # fmt: skip
+            save_rows(out, rows)
+            print(f"quality {key}: alignment {result['alignment']:.3f}", flush=True)
+    done = [r["steps"] for r in rows.get("teacher_eval", [])]
+    if done != sorted(args.teacher_steps):
+        rows["teacher_eval"] = _eval(args, Path(args.teacher), sorted(args.teacher_steps))["results"]
         save_rows(out, rows)
 
 
@@ -220,6 +225,100 @@ def grid(args, rows: dict, out: Path) -> None:
 # ---- report --------------------------------------------------------------------------------------
 
 
+def _equivalents(r: dict) -> float:
+    """Training compute in student-step equivalents: a distilled step costs step_s / (step_s - teacher_s)
+    student steps (its teacher forward measured in the same run); a scratch step costs 1."""
+    student_s = r.get("step_s", 0) - r.get("teacher_s", 0)
+    factor = r["step_s"] / student_s if r["method"] == "distill" and student_s > 0 else 1.0
+    return r["steps"] * factor
+
+
+def quality_report(q: dict, out: Path) -> list[str]:
+    """Per (method, steps): mean and spread over training seeds; the fewest distilled steps whose mean
+    reaches the longest scratch run's mean, per metric; quality.png (both metrics vs compute)."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in q.values():
+        r["student_step_equivalents"] = _equivalents(r)
+        groups.setdefault((r["method"], r["steps"]), []).append(r)
+    agg = {}
+    for key, rs in sorted(groups.items()):
+        agg[key] = {
+            m: statistics.mean(r[m] for r in rs) for m in ("alignment", "fd", "student_step_equivalents")
+        }
+        agg[key].update(n=len(rs), **{f"{m}_range": (min(r[m] for r in rs), max(r[m] for r in rs))
+                                     for m in ("alignment", "fd")})  # fmt: skip
+        agg[key]["step_s"] = statistics.median(r.get("step_s", float("nan")) for r in rs)
+        agg[key]["teacher_s"] = statistics.median(r.get("teacher_s", 0) for r in rs)
+    lines = ["## Quality per training compute (30 sampling steps)", "",
+             "Means over training seeds (min-max in brackets); compute in student-step equivalents, the "
+             "teacher's forward counted.", "",
+             "| method | steps | seeds | alignment | Frechet distance | s/step | teacher s/step | student-step equiv. |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (method, steps), a in agg.items():
+        al, fd = a["alignment_range"], a["fd_range"]
+        lines.append(f"| {method} | {steps} | {a['n']} | {a['alignment']:.3f} [{al[0]:.3f}-{al[1]:.3f}] | "
+                     f"{a['fd']:.0f} [{fd[0]:.0f}-{fd[1]:.0f}] | {a['step_s']:.3f} | {a['teacher_s']:.3f} | "
+                     f"{a['student_step_equivalents']:.0f} |")  # fmt: skip
+    lines.append("")
+    scratch = [k for k in agg if k[0] == "scratch"]
+    distill = sorted(k for k in agg if k[0] == "distill")
+    if scratch and distill:
+        final = agg[max(scratch, key=lambda k: k[1])]
+        final_steps = max(k[1] for k in scratch)
+        for metric, better in (("alignment", max), ("fd", min)):
+            target = final[metric]
+            hit = next((k for k in distill if better(agg[k][metric], target) == agg[k][metric]), None)
+            name = "alignment" if metric == "alignment" else "Frechet distance"
+            fmt = ".3f" if metric == "alignment" else ".0f"
+            if hit is None:
+                lines.append(
+                    f"- {name}: no distilled run reaches scratch {final_steps} steps ({target:{fmt}})"
+                )
+                continue
+            ratio_steps = final_steps / hit[1]
+            ratio_compute = final["student_step_equivalents"] / agg[hit]["student_step_equivalents"]
+            lines.append(f"- {name}: scratch {final_steps} steps {target:{fmt}} reached by distill {hit[1]} steps "
+                         f"({agg[hit][metric]:{fmt}}): {ratio_steps:.1f}x fewer steps, {ratio_compute:.1f}x less compute")  # fmt: skip
+        lines.append("")
+    _quality_plot(agg, out / "quality.png")
+    lines += ["![quality vs compute](quality.png)", ""]
+    return lines
+
+
+def _quality_plot(agg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in zip(
+        axes,
+        ("alignment", "fd"),
+        ("alignment (higher is better)", "domain Frechet distance (lower is better)"),
+    ):
+        for method, style in (("scratch", "o--"), ("distill", "s-")):
+            keys = sorted(k for k in agg if k[0] == method)
+            if not keys:
+                continue
+            xs = [agg[k]["student_step_equivalents"] for k in keys]
+            ys = [agg[k][metric] for k in keys]
+            lo = [agg[k][metric] - agg[k][f"{metric}_range"][0] for k in keys]
+            hi = [agg[k][f"{metric}_range"][1] - agg[k][metric] for k in keys]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3,
+                        label="inherit+distill" if method == "distill" else "scratch")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (student-step equivalents, teacher forward counted)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(rows: dict, out: Path) -> None:
     lines = ["# Inheritance + distillation, measured", ""]
     fid = rows.get("fidelity", [])
@@ -246,20 +345,7 @@ def report(rows: dict, out: Path) -> None:
                   f"inherit+distill {secs['distill_proxy']:.0f} s.", ""]  # fmt: skip
     q = rows.get("quality", {})
     if q:
-        lines += ["## Quality per training compute (30 sampling steps)", "",
-                  "| method | steps | alignment | Frechet distance | s/step | teacher s/step | student-step equiv. |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        # compute in student-step equivalents: a distilled step costs step_s / (step_s - teacher_s)
-        # student steps (its teacher forward measured in the same run); a scratch step costs 1
-        for r in sorted(q.values(), key=lambda r: (r["method"], r["steps"])):
-            student_s = r.get("step_s", 0) - r.get("teacher_s", 0)
-            factor = r["step_s"] / student_s if r["method"] == "distill" and student_s > 0 else 1.0
-            equiv = r["steps"] * factor
-            r["student_step_equivalents"] = equiv
-            fd = "-" if r.get("fd") is None else f"{r['fd']:.0f}"
-            lines.append(f"| {r['method']} | {r['steps']} | {r['alignment']:.3f} | {fd} | "
-                         f"{r.get('step_s', float('nan')):.3f} | {r.get('teacher_s', 0):.3f} | {equiv:.0f} |")  # fmt: skip
-        lines.append("")
+        lines += quality_report(q, out)
     if "teacher_eval" in rows:
         lines += ["Teacher, alignment by sampling steps: " + ", ".join(
             f"{r['steps']}: {r['alignment']:.3f}" for r in rows["teacher_eval"]), ""]  # fmt: skip
@@ -288,6 +374,14 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, nargs="+", default=[100, 200, 400, 1000])
     p.add_argument("--reuse-scratch", help="an existing scratch run of --arch to use for --reuse-steps")
     p.add_argument("--reuse-steps", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="quality: training seeds per run")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        nargs="+",
+        default=[2, 5, 10, 20, 30, 50],
+        help="quality: the teacher's sampling steps to evaluate",
+    )
     p.add_argument("--n", type=int, default=100, help="quality: images per evaluation")
     p.add_argument("--rounds", type=int, default=7, help="speed: interleaved rounds")
     p.add_argument("--prompts", nargs="+", default=[
