@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,9 +158,8 @@ def quality(args, rows: dict, out: Path) -> None:
                 continue
             run = out / "runs" / key
             if method == "scratch" and steps == args.reuse_steps and args.reuse_scratch and seed == 0:
-                run = Path(
-                    args.reuse_scratch
-                )  # the same architecture, recipe, cache and seed, trained already
+                # the same architecture, recipe, cache and seed, trained already
+                run = Path(args.reuse_scratch)
             t0 = time.perf_counter()
             _train(args, run, steps, distill=method == "distill", seed=seed)
             seconds = time.perf_counter() - t0
@@ -237,8 +237,9 @@ def _equivalents(r: dict) -> float:
 
 
 def quality_report(q: dict, out: Path) -> list[str]:
-    """Per (method, steps): mean and spread over training seeds; the fewest distilled steps whose mean
-    reaches the longest scratch run's mean, per metric; quality.png (both metrics vs compute)."""
+    """Per (method, steps): mean and spread over training seeds; per metric, the fewest distilled steps
+    whose mean reaches the longest scratch run's mean (and its best seed); quality.png (both metrics vs
+    compute)."""
     import statistics
 
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -261,7 +262,7 @@ def quality_report(q: dict, out: Path) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for (method, steps), a in agg.items():
         al, fd = a["alignment_range"], a["fd_range"]
-        step_s = "-" if a["step_s"] != a["step_s"] else f"{a['step_s']:.3f}"  # NaN: not logged by the run
+        step_s = "-" if math.isnan(a["step_s"]) else f"{a['step_s']:.3f}"  # NaN: the run logged no step time
         lines.append(f"| {method} | {steps} | {a['n']} | {a['alignment']:.3f} [{al[0]:.3f}-{al[1]:.3f}] | "
                      f"{a['fd']:.0f} [{fd[0]:.0f}-{fd[1]:.0f}] | {step_s} | {a['teacher_s']:.3f} | "
                      f"{a['student_step_equivalents']:.0f} |")  # fmt: skip
