@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default (no multi-GB CUDA download). With a GPU: make setup TORCH="torch --index-url ..."
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-loaded test-slow test-gpu test-postgres test-ray-cluster lint clean
+.PHONY: setup docs demo test test-loaded test-slow test-gpu test-postgres test-ray-cluster lint clean
 
 $(BIN)/nas: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup: $(BIN)/nas
 demo: setup
 	$(BIN)/nas inspect search_spaces/archs/sd15.yaml
 	$(BIN)/nas run experiments/quickstart.yaml
+
+# docs/cli/<command>.txt: every command's full --help, from the settings models (a test fails when stale)
+docs: setup
+	$(BIN)/python -c "from nas.cli import write_help_pages; write_help_pages('docs/cli')"
 
 # mypy: settings in pyproject.toml [tool.mypy] (checks nas/; cache in .mypy_cache/)
 lint: setup
@@ -41,12 +45,12 @@ test-slow: setup
 
 # The PostgreSQL tests alone, required to run (a throwaway server from Debian's postgresql package).
 test-postgres: setup
-	NAS_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/test_scaleout_postgres.py
+	NAS_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/search/test_scaleout_postgres.py
 
 # A real multi-node Ray cluster on this machine (head, worker, a CPU-less A10G-typed latency node):
 # placement, a killed worker node, a killed driver resumed. About 5-9 min on 2 cores; CI runs it.
 test-ray-cluster: setup
-	$(BIN)/pytest -q -m slow tests/test_ray_cluster.py
+	$(BIN)/pytest -q -m slow tests/search/test_ray_cluster.py
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from nas import limits as L
-from nas.config import Strict
+from nas.core import limits as L
+from nas.core.config import Strict
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -40,7 +40,7 @@ class Recipe(Strict):
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
     # Min-SNR-gamma loss weight (Hang et al. 2023: gamma = 5); null = unweighted MSE
     min_snr_gamma: float | None = Field(5.0, gt=0, le=L.MAX_MIN_SNR_GAMMA)
-    # discrete diffusion steps (DDPM, SD: 1000); bound in nas/limits.py
+    # discrete diffusion steps (DDPM, SD: 1000); bound in nas/core/limits.py
     num_train_timesteps: int = Field(1000, ge=2, le=L.MAX_TRAIN_TIMESTEPS)
     beta_start: float = Field(0.00085, gt=0, lt=1)  # linear/scaled_linear only (SD 1.5: 0.00085)
     beta_end: float = Field(0.012, gt=0, lt=1)  # linear/scaled_linear only (SD 1.5: 0.012)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from nas.commands.sample import MAX_IMAGES, MAX_STEPS, Sampling, check_device
-from nas.settings import arg
+from nas.core.settings import arg
 
 
 class Settings(Sampling):
@@ -30,7 +30,7 @@ SETTINGS = Settings
 
 
 def run(settings: Settings) -> int:
-    from nas.errors import NasError
+    from nas.core.errors import NasError
 
     if settings.tally:
         from nas.evaluate.ab_page import tally
@@ -46,7 +46,7 @@ def run(settings: Settings) -> int:
         raise NasError("--out DIR is required (the folder for index.html and images/)")
     from nas.evaluate.ab_page import build_compare
     from nas.sample import read_prompts
-    from nas.sample.run import held_out_captions
+    from nas.sample.components import held_out_captions
 
     run_a, run_b, out = Path(settings.runs[0]), Path(settings.runs[1]), Path(settings.out)
     settings_a = settings.sample_settings(settings.steps_a)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 MAX_IMAGES = 10_000_000  # generated images; more is a typo (each is held in memory or on disk)
 MAX_SIZE = 1024  # pixels per side
@@ -44,7 +44,7 @@ SETTINGS = {"shapes": ShapesSettings, "train-evaluator": EvaluatorSettings}
 
 
 def _evaluator_config(settings: EvaluatorSettings):
-    from nas.config import validate
+    from nas.core.config import validate
     from nas.evaluate import shapes_evaluator as ev
 
     values = {"resolution": settings.size, "steps": settings.steps, "train_images": settings.train_images}
@@ -71,7 +71,7 @@ def run(settings) -> int:
 
 
 def _train_evaluator(settings: EvaluatorSettings) -> int:
-    from nas.errors import NasError
+    from nas.core.errors import NasError
     from nas.evaluate import shapes_evaluator as ev
 
     config = _evaluator_config(settings)
@@ -91,8 +91,8 @@ def _train_evaluator(settings: EvaluatorSettings) -> int:
 
 def _validation_split(data: Path, size: int):
     """Images in [0, 1] and labels of DATA/validation (or DATA itself if it is one split)."""
+    from nas.core.errors import NasError
     from nas.data.folders import METADATA, load_images, open_source
-    from nas.errors import NasError
 
     folder = data / "validation" if (data / "validation" / METADATA).is_file() else data
     source = open_source(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import field_validator
 
 from nas.commands.sample import MAX_IMAGES, MAX_STEPS, Sampling, check_device
-from nas.settings import arg, comma_list
+from nas.core.settings import arg, comma_list
 
 
 class Settings(Sampling):

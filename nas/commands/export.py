@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):
@@ -23,7 +23,7 @@ class Settings(CommandSettings):
     @classmethod
     def _pick(cls, value: str) -> str:
         if value not in ("best", "knee"):
-            from nas.errors import NasError
+            from nas.core.errors import NasError
             from nas.search.export import parse_conditions
 
             try:

@@ -5,9 +5,9 @@ versions. RUN is a `nas train` run folder (EMA weights if present) or a diffuser
 
 from __future__ import annotations
 
-from nas import limits as L
-from nas.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from nas.settings import CommandSettings, arg
+from nas.core import limits as L
+from nas.core.settings import CommandSettings, arg
+from nas.deploy.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
 class Settings(CommandSettings):
@@ -25,7 +25,7 @@ SETTINGS = Settings
 
 
 def run(settings: Settings) -> int:
-    from nas.onnx_export import export_folder
+    from nas.sample.onnx_export import export_folder
 
     report = export_folder(settings.run, settings.out, settings.opset, settings.batch_dynamic, settings.batch)
     check = report["check"]

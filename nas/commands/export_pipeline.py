@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nas.commands.sample import Scheduler, Spacing, Weights
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):
@@ -37,9 +37,9 @@ def _plan(settings: Settings):
     """(teacher Arch, student Arch, report) on meta models: the plan without reading weights."""
     import torch
 
-    from nas.models.inherit import InheritReport, plan, tensor_plan
-    from nas.models.teacher import teacher_arch
     from nas.space import build_unet, load_arch
+    from nas.teacher.arch import teacher_arch
+    from nas.teacher.inherit import InheritReport, plan, tensor_plan
 
     _, t_arch = teacher_arch(settings.teacher, "--teacher")
     s_arch = load_arch(settings.arch)
@@ -62,11 +62,11 @@ def dry_run(settings: Settings) -> dict:
 def run(settings: Settings) -> int:
     import torch
 
-    from nas.models.inherit import inherit
-    from nas.models.teacher import load_teacher
-    from nas.runfolder import ARCH, staged_folder, write_text, write_yaml
+    from nas.core.runfolder import ARCH, staged_folder, write_text, write_yaml
     from nas.sample.generate import check_out_folder
     from nas.space import build_unet
+    from nas.teacher.arch import load_teacher
+    from nas.teacher.inherit import inherit
 
     out = Path(settings.out)
     check_out_folder(out)

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from nas import limits as L
-from nas.commands.sample import Precision, Runtime
-from nas.errors import NasError
-from nas.settings import CommandSettings, arg
+from nas.core import limits as L
+from nas.core.errors import NasError
+from nas.core.settings import CommandSettings, arg
+from nas.deploy.choices import Precision, Runtime
 
 
 class Settings(CommandSettings):
@@ -19,7 +19,7 @@ class Settings(CommandSettings):
     as_json: bool = arg(False, "print one JSON object instead of a table", flag="--json")
     latency: bool = arg(False, "also measure forward latency (builds real weights)")
     device: str = arg("cpu", "torch device for latency (cpu, cuda, cuda:1, mps)")
-    # the same bounds as a space file's `latency:` section (nas/limits.py)
+    # the same bounds as a space file's `latency:` section (nas/core/limits.py)
     batch: int | None = arg(
         None, "latents per forward (default 1, or the table's)", ge=1, le=L.MAX_LATENCY_BATCH
     )
@@ -66,7 +66,7 @@ def _table_setup(args):
     if args.latency_table is None:
         args.batch, args.dtype = args.batch or 1, args.dtype or "fp32"
         return None
-    from nas.latency_table import load_table
+    from nas.cost.table import load_table
 
     table = load_table(args.latency_table)
     args.batch, args.dtype = args.batch or table.setup.batch, args.dtype or table.setup.dtype
@@ -83,7 +83,7 @@ def _table_setup(args):
 
 
 def inspect_arch(args, data_path: Path) -> dict:
-    from nas.cost import arch_cost, measure_latency
+    from nas.cost.measure import arch_cost, measure_latency
     from nas.space import build_unet, load_arch
 
     arch = load_arch(data_path)
@@ -92,7 +92,7 @@ def inspect_arch(args, data_path: Path) -> dict:
     if args.latency:
         runtime = args.runtime or ("eager" if args.precision else None)
         if runtime:
-            from nas.runtimes import check_runtime
+            from nas.deploy.runtimes import check_runtime
 
             check_runtime(runtime, args.precision or "fp32", args.device)
             if args.dtype != "fp32" or args.channels_last or args.compile:
@@ -114,7 +114,7 @@ def inspect_arch(args, data_path: Path) -> dict:
         )
         report.update(lat.as_dict())
     if table is not None:
-        from nas.latency_table import predict
+        from nas.cost.table import predict
 
         predicted = predict(table, arch)
         report["predicted_latency_ms_p50"] = predicted["latency_ms_p50"]
@@ -126,7 +126,7 @@ def inspect_arch(args, data_path: Path) -> dict:
 
 
 def inspect_space(args, path: Path) -> dict:
-    from nas.cost import arch_cost
+    from nas.cost.measure import arch_cost
     from nas.space import extreme_archs, load_space, space_size
 
     space = load_space(path)
@@ -169,7 +169,7 @@ def inspect_space(args, path: Path) -> dict:
 
 
 def run(args: Settings) -> int:
-    from nas.config import read_yaml
+    from nas.core.config import read_yaml
 
     _check_device(args.device)
     if (args.runtime or args.precision) and not args.latency:

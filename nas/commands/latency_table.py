@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from nas import limits as L
-from nas.errors import NasError
-from nas.settings import CommandSettings, arg
+from nas.core import limits as L
+from nas.core.errors import NasError
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):
@@ -43,8 +43,8 @@ SETTINGS = Settings
 
 
 def run(args: Settings) -> int:
-    from nas.latency_build import build_table, recalibrate
-    from nas.latency_table import TableSetup, summary
+    from nas.cost.table import TableSetup, summary
+    from nas.cost.table_build import build_table, recalibrate
     from nas.space import load_space
 
     space = load_space(args.space)

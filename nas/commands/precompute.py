@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):

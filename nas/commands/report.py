@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from nas.errors import NasError
-from nas.settings import CommandSettings, arg
+from nas.core.errors import NasError
+from nas.core.settings import CommandSettings, arg
 
 
 class Settings(CommandSettings):

@@ -7,16 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from nas import limits as L
-from nas.settings import CommandSettings, arg
+from nas.core import limits as L
+from nas.core.settings import CommandSettings, arg
+from nas.deploy.choices import Precision, Runtime
 
-Scheduler = Literal["ddim", "dpmpp", "euler"]  # keys of nas.sample.run.SCHEDULERS
-Spacing = Literal["trailing", "leading", "linspace"]  # nas.sample.run.SPACINGS
-Weights = Literal["auto", "ema", "raw"]  # nas.sample.run.WEIGHTS
-Runtime = Literal[
-    "eager", "compile", "cudagraphs", "onnxruntime", "openvino"
-]  # keys of nas.runtimes.RUNTIMES
-Precision = Literal["fp32", "bf16", "channels_last", "int8", "fp16"]  # nas.runtimes.PRECISIONS
+Scheduler = Literal["ddim", "dpmpp", "euler"]  # keys of nas.sample.components.SCHEDULERS
+Spacing = Literal["trailing", "leading", "linspace"]  # nas.sample.components.SPACINGS
+Weights = Literal["auto", "ema", "raw"]  # nas.sample.components.WEIGHTS
 MAX_STEPS = L.MAX_SAMPLE_STEPS  # denoising steps: at most one per training timestep
 MAX_IMAGES = L.MAX_IMAGES  # images per prompt or per step count; more would run for days
 
@@ -40,7 +37,7 @@ class Sampling(CommandSettings):
     )
 
     def sample_settings(self, steps: int):
-        from nas.runtimes import check_runtime
+        from nas.deploy.runtimes import check_runtime
         from nas.sample import SampleSettings
 
         check_runtime(self.runtime, self.precision, self.device)  # before any model is loaded
@@ -69,7 +66,7 @@ SETTINGS = Settings
 
 
 def check_device(device: str) -> None:
-    from nas.errors import NasError
+    from nas.core.errors import NasError
 
     if device.startswith("cuda"):
         import torch

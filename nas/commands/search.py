@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from nas.core.settings import arg
 from nas.search.settings import SearchSettings
-from nas.settings import arg
 
 Backend = Literal["optuna", "ray"]
 
@@ -61,7 +61,8 @@ def run(settings: Settings) -> int:
             quiet=settings.quiet,
         )
         return 0
-    from nas.search.study import finished, run_search
+    from nas.search.storage import finished
+    from nas.search.study import run_search
 
     study = run_search(engine, quiet=settings.quiet)
     if not settings.quiet:

@@ -8,7 +8,7 @@ Several GPUs: `accelerate launch --num_processes N -m nas train ...` (same code 
 
 from __future__ import annotations
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
 MAX_STEPS = 10_000_000  # optimizer steps; more is a typo (SD 1.5 trained ~1.4M)
 

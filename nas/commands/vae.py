@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nas.settings import CommandSettings, arg, comma_list
+from nas.core.settings import CommandSettings, arg, comma_list
 
 
 class TrainSettings(CommandSettings):
@@ -40,7 +40,7 @@ SETTINGS = {"train": TrainSettings}
 
 
 def _config(settings: TrainSettings):
-    from nas.config import validate
+    from nas.core.config import validate
     from nas.data.encoders import VaeTrainConfig
 
     values = {

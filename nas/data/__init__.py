@@ -1,9 +1,11 @@
-"""Data layer: the embedded `shapes` dataset, dataset readers, VAE and text encoders, the latent cache
-and the shapes evaluator. Modules import torch/diffusers themselves; importing this package is cheap.
+"""Data layer: the embedded `shapes` dataset, dataset readers, VAE and text encoders, the latent cache.
+Modules import torch/diffusers themselves; importing this package is cheap.
 
     shapes     procedural captioned dataset (labels kept for evaluation)
     folders    image folder + metadata.jsonl and WebDataset tar shards, resize/crop, skip-and-count
     encoders   load_vae, load_text_encoder (TextEncoder), train_vae
     cache      precompute (resumable shards + manifest), open_cache -> LatentCache
-    evaluator  shapes classifier: alignment, features, frechet_distance
+
+The classifier that reads `shapes` images (alignment, features, Frechet distance) is an evaluator:
+nas/evaluate/shapes_evaluator.py.
 """

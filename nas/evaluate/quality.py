@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nas.errors import NasError
-from nas.runfolder import EVAL_FILE, portable, write_json
+from nas.core.errors import NasError
+from nas.core.runfolder import EVAL_FILE, portable, write_json
 
 GRID_COLUMNS = 8  # grid_<steps>.png: the first 64 samples, 8 per row
 DEFAULT_STEPS = (10, 20, 30, 50)  # the seed compares 30 with 50; 10 and 20 show where quality breaks
@@ -105,7 +105,7 @@ def shapes_eval_set(components, n: int, seed: int) -> EvalSet:
 def held_out_eval_set(components, n: int, seed: int) -> EvalSet:
     """The items the trainer held out (the cache's last val_items), real images from the source."""
     from nas.data.folders import UnreadableImage, open_source
-    from nas.sample.run import read_run_config
+    from nas.sample.components import read_run_config
 
     config = read_run_config(components.run)
     records = components.cache.records()
@@ -254,7 +254,7 @@ def plot_quality(report: dict, out_png: str | Path) -> None:
 
 def _run_cache(run):
     from nas.data.cache import open_cache
-    from nas.sample.run import read_run_config, weights_folder
+    from nas.sample.components import read_run_config, weights_folder
 
     config = read_run_config(Path(run))
     weights_folder(Path(run))  # no weights: say so before anything is loaded
@@ -278,8 +278,8 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict:
     """`nas eval`: OUT/eval.json, OUT/quality_vs_steps.png and OUT/grid_<steps>.png; returns the report."""
+    from nas.sample.components import load_run
     from nas.sample.generate import build_pipeline, check_out_folder
-    from nas.sample.run import load_run
 
     settings.check()
     if n < 2:

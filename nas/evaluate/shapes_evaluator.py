@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.config import Strict
+from nas.core.config import Strict
+from nas.core.errors import NasError
+from nas.core.runfolder import atomic_path, write_json
 from nas.data import shapes
-from nas.errors import NasError
-from nas.runfolder import atomic_path, write_json
 
 WEIGHTS, CONFIG = "evaluator.safetensors", "evaluator.json"
 CELLS = len(shapes.POSITION_NAMES)
@@ -327,7 +327,7 @@ def load_evaluator(path: str | Path) -> Evaluator:
     """An evaluator saved by `nas data train-evaluator` (evaluator.json + evaluator.safetensors)."""
     from safetensors.torch import load_file
 
-    from nas.config import validate
+    from nas.core.config import validate
 
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():

@@ -10,7 +10,7 @@ from nas.models.flex_unet import FlexUNet2DConditionModel
 
 # Classes whose source file is copied into the folders they are saved to, so that diffusers loads
 # those folders without `nas` (trust_remote_code). Each file must import only torch and diffusers
-# (tests/test_remote_code.py checks); the file name, less ".py", is what config.json's `auto_map`
+# (tests/models/test_remote_code.py checks); the file name, less ".py", is what config.json's `auto_map`
 # and model_index.json name.
 SHIPPED = {"FlexUNet2DConditionModel": FlexUNet2DConditionModel}
 

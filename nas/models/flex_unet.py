@@ -7,7 +7,7 @@ Built only from diffusers' own blocks (`ResnetBlock2D`, `Transformer2DModel`, `D
 the stock module names (`down_blocks.{i}.resnets.{j}`, `.attentions.{j}`, `.downsamplers.0`,
 `mid_block`, `up_blocks`, ...). So for a point the stock class can express, a stock model's
 `state_dict()` loads into this class with `load_state_dict(..., strict=True)`, no key mapping, and
-both compute the same output (tested in tests/test_models.py). It saves and loads with
+both compute the same output (tested in tests/models/test_models.py). It saves and loads with
 `save_pretrained` / `from_pretrained` and has the stock forward signature, so diffusers pipelines
 accept it.
 

@@ -1,4 +1,12 @@
-"""`nas run`: experiment files -> stages -> results/<experiment>/."""
+"""`nas run`: experiment files -> stages -> results/<experiment>/.
+
+plan.py         the experiment schema and its stages (each one `nas` command), fingerprints
+check.py        every file and setting of the plan checked before the first stage runs
+runner.py       runs, skips and resumes stages; copies the small results
+variants.py     the variants stage: runs beside the searched one (baselines, ablations)
+comparison.py   the variants' measured comparison (comparison.{json,md,png})
+command.py      the `nas run` command itself (above nas/commands/, since it drives them)
+"""
 
 from nas.pipeline.plan import STAGES, Experiment, plan
 from nas.pipeline.runner import load_experiment, run_experiment

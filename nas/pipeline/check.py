@@ -4,7 +4,7 @@ with its baselines and proxy recipe, architectures, training configs with their 
 overrides). A failure is one line naming the experiment file and the key; nothing is written.
 
 Which fields are inputs, and of what kind, is declared on the command settings (`arg(input=KIND)`,
-nas/settings.py); this module holds one checker per kind.
+nas/core/settings.py); this module holds one checker per kind.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from nas.errors import NasError
-from nas.settings import CommandSettings, input_fields
+from nas.core.errors import NasError
+from nas.core.settings import CommandSettings, input_fields
 
 
 def _file(value: str, settings: CommandSettings) -> None:
@@ -73,7 +73,7 @@ def _train_config(value: str, settings: CommandSettings) -> None:
     load_config(value, settings.overrides, max_steps=settings.max_steps)  # type: ignore[attr-defined]
 
 
-# input kind (nas.settings.arg(input=...)) -> checker(value, settings); NasError if unusable
+# input kind (nas.core.settings.arg(input=...)) -> checker(value, settings); NasError if unusable
 CHECKS: dict[str, Callable[[str, CommandSettings], None]] = {
     "file": _file,
     "folder": _folder,

@@ -3,7 +3,7 @@ results/<experiment>/<stage>/ with its resolved config and a `stage.json` (finge
 seconds, command).
 
 A stage is the `nas` commands a user would type, built as the commands' settings models
-(nas/settings.py) from the experiment file and the folders of the stages before it, so `nas run`
+(nas/core/settings.py) from the experiment file and the folders of the stages before it, so `nas run`
 does exactly what the documented commands do; every stage's settings and every file a stage reads
 (that no earlier stage writes) are checked before the first stage runs. Its fingerprint hashes
 the resolved settings, the content of the files it reads (space, train config, prompts) and the
@@ -20,26 +20,38 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from nas import limits as L
-from nas.commands.run import Stage as StageName
 from nas.commands.search import Backend
-from nas.config import Strict, read_yaml
-from nas.errors import NasError
+from nas.core import limits as L
+from nas.core.config import Strict, read_yaml
+from nas.core.errors import NasError
+from nas.core.settings import CommandSettings, build, to_argv
 from nas.pipeline.check import check_inputs
 from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
 from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
-from nas.settings import CommandSettings, build, to_argv
 
+StageName = Literal[
+    "data",
+    "vae",
+    "precompute",
+    "teacher",
+    "search",
+    "export",
+    "train",
+    "sample",
+    "evaluate",
+    "variants",
+    "report",
+]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
 RESUMABLE = {"precompute", "teacher", "search", "train", "variants"}  # rerun the same command to continue
 
 
 class ShapesData(Strict):
-    # Upper bounds: nas/limits.py
+    # Upper bounds: nas/core/limits.py
     n: int = Field(2000, ge=10, le=L.MAX_DATA_ITEMS)  # images (train + validation)
     size: int = Field(32, ge=8, le=L.MAX_IMAGE_SIZE)  # pixels, square
     seed: int = Field(0, ge=0, le=L.MAX_SEED)

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nas.config import load
-from nas.errors import NasError
-from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, plan
-from nas.runfolder import (
+from nas.core.config import load
+from nas.core.errors import NasError
+from nas.core.runfolder import (
     CHECKPOINTS,
     CONFIG,
     STAGE,
@@ -34,7 +33,8 @@ from nas.runfolder import (
     relative_paths,
     write_json,
 )
-from nas.settings import execute, to_argv
+from nas.core.settings import execute, to_argv
+from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, plan
 
 EXPERIMENT = "experiment.yaml"  # results/<experiment>/: the resolved experiment
 RUN = "run.json"  # results/<experiment>/: environment, seeds, stage fingerprints and commands
@@ -83,8 +83,8 @@ def _write_state(folder: Path, stage: Stage, done: bool, seconds: float, previou
 
 def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Experiment) -> None:
     if stage.name == "variants":
-        from nas.evaluate.comparison import compare, write_comparison
         from nas.pipeline import variants
+        from nas.pipeline.comparison import compare, write_comparison
 
         assert exp.variants is not None  # plan() adds the variants stage only with variants
         variants.execute(exp.variants, stage.jobs, folder)

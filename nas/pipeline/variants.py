@@ -26,16 +26,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from nas import limits as L
-from nas.config import Strict
-from nas.errors import NasError
-from nas.runfolder import CHECKPOINTS, MAIN, RunFolder, eval_folder, run_folder
+from nas.core import limits as L
+from nas.core.config import Strict
+from nas.core.errors import NasError
+from nas.core.runfolder import CHECKPOINTS, MAIN, RunFolder, eval_folder, run_folder
 
 SEARCHED = "searched"  # the exported architecture
 
 
 class VariantEval(Strict):
-    # default: the evaluate stage's step counts; bounds in nas/limits.py
+    # default: the evaluate stage's step counts; bounds in nas/core/limits.py
     steps: list[Annotated[int, Field(ge=1, le=L.MAX_SAMPLE_STEPS)]] | None = Field(None, max_length=100)
     n: int | None = Field(None, ge=2, le=L.MAX_IMAGES)  # default: the evaluate stage's n
     spacing: Literal["trailing", "leading", "linspace"] | None = None  # default: nas eval's (trailing)
@@ -186,7 +186,7 @@ def _prepare(argv: list[str]) -> list[str]:
 
 def execute(stage: VariantsStage, jobs: dict[str, list], folder: Path) -> None:
     """Run every job's commands in order, `workers` jobs at a time; reused runs wait for their training."""
-    from nas.settings import to_argv
+    from nas.core.settings import to_argv
 
     jobs = {name: [to_argv(s) for s in cmds] for name, cmds in jobs.items()}  # `nas` subprocesses
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,15 @@
 """Sampling from trained runs and diffusers pipeline export (on diffusers' StableDiffusionPipeline)."""
 
+from nas.models.load import WEIGHTS
+from nas.sample.components import (
+    SCHEDULERS,
+    SPACINGS,
+    RunComponents,
+    held_out_captions,
+    load_run,
+    make_scheduler,
+    read_prompts,
+)
 from nas.sample.export import export_pipeline
 from nas.sample.generate import (
     SampleSettings,
@@ -10,16 +20,6 @@ from nas.sample.generate import (
     sample_run,
     to_uint8,
     write_samples,
-)
-from nas.sample.run import (
-    SCHEDULERS,
-    SPACINGS,
-    WEIGHTS,
-    RunComponents,
-    held_out_captions,
-    load_run,
-    make_scheduler,
-    read_prompts,
 )
 
 __all__ = [

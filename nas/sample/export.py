@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.core.runfolder import portable, staged_folder, write_json
 from nas.models import ship_code
-from nas.runfolder import portable, staged_folder, write_json
+from nas.sample.components import SCHEDULERS, load_run
 from nas.sample.generate import SampleSettings, build_pipeline, check_out_folder
-from nas.sample.run import SCHEDULERS, load_run
 
 EXPORT_INFO = "nas_export.json"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas import limits as L
-from nas.errors import NasError
-from nas.runfolder import portable, write_json
-from nas.sample.run import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
+from nas.core import limits as L
+from nas.core.errors import NasError
+from nas.core.runfolder import portable, write_json
+from nas.sample.components import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ class SampleSettings:
 
     steps: int = 30  # denoising steps (the seed's claim: 30 steps match 50)
     guidance: float = 7.5  # classifier-free guidance scale (SD 1.5 default); 1 = no guidance
-    scheduler: str = "ddim"  # key of nas.sample.run.SCHEDULERS
+    scheduler: str = "ddim"  # key of nas.sample.components.SCHEDULERS
     spacing: str = "trailing"  # timestep grid; trailing never evaluates t = 0 (Lin et al. 2023)
     batch_size: int = 8  # images per pipeline call (CFG doubles the U-Net batch)
-    runtime: str = "eager"  # key of nas.runtimes.RUNTIMES that runs the U-Net
+    runtime: str = "eager"  # key of nas.deploy.runtimes.RUNTIMES that runs the U-Net
     precision: str = "fp32"  # one of that runtime's precisions
 
     def check(self) -> SampleSettings:
-        """One-line NasError for a setting out of its range (bounds: nas/limits.py)."""
+        """One-line NasError for a setting out of its range (bounds: nas/core/limits.py)."""
         if not 1 <= self.steps <= L.MAX_SAMPLE_STEPS:
             raise NasError(f"--steps must be in 1..{L.MAX_SAMPLE_STEPS}, got {self.steps}")
         if not math.isfinite(self.guidance) or not 1 <= self.guidance <= L.MAX_GUIDANCE:
@@ -57,17 +57,18 @@ class SampleSettings:
             raise NasError(
                 f"--spacing {self.spacing!r}: unknown timestep spacing (allowed: {', '.join(SPACINGS)})"
             )
-        from nas.runtimes import RUNTIMES, check_runtime
+        from nas.deploy.choices import precision_error
+        from nas.deploy.runtimes import check_runtime
 
         # names only; whether it is installed and runs on the device: check_runtime with the device
-        if self.runtime not in RUNTIMES or self.precision not in RUNTIMES[self.runtime].precisions:
+        if precision_error(self.runtime, self.precision):
             check_runtime(self.runtime, self.precision)
         return self
 
 
 def use_runtime(components: RunComponents, runtime: str = "eager", precision: str = "fp32") -> RunComponents:
-    """Put the run's U-Net behind `runtime` (nas/runtimes.py); eager fp32 leaves it as loaded."""
-    from nas.runtimes import RuntimeUNet, wrap_unet
+    """Put the run's U-Net behind `runtime` (nas/deploy/runtimes.py); eager fp32 leaves it as loaded."""
+    from nas.deploy.runtimes import RuntimeUNet, wrap_unet
 
     if isinstance(components.unet, RuntimeUNet):
         if (components.unet.name, components.unet.precision) != (runtime, precision):
@@ -255,7 +256,7 @@ def sample_run(
 
     Without prompts, the first 4 captions the trainer held out of the cache are used.
     """
-    from nas.sample.run import held_out_captions, load_run
+    from nas.sample.components import held_out_captions, load_run
 
     settings.check()
     out = Path(out)

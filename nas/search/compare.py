@@ -4,7 +4,7 @@ Per study, trial by trial (in the order trials finished counting toward --trials
 the hypervolume of the (proxy_loss, latency_ms) front so far, the first trial that dominates the
 baseline, the best proxy loss under a latency budget (an export --pick rule), and the proxy
 optimizer steps and wall time spent. Shared by `nas report` (several --study) and
-experiments/search_validity.py, which groups studies (e.g. one sampler over seeds) and shades the
+experiments/studies/search_validity.py, which groups studies (e.g. one sampler over seeds) and shades the
 spread.
 
 Hypervolume (Zitzler & Thiele 1998) of a front of minimised (loss, latency) points: the area they
@@ -30,9 +30,9 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.search.export import pick_trial
-from nas.search.study import counted
+from nas.search.storage import counted
 
 LOSS, LATENCY = "proxy_loss", "latency_ms_p50"  # trial attributes of the two axes
 MARGIN = 1.1  # reference point = baseline (or worst observed) x this: 10% slack on both axes
@@ -252,7 +252,7 @@ def compare(
 ) -> dict[str, Any]:
     """Figures, plots and a markdown table for `groups` of studies into `out`; returns the figures
     (also written as out/compare.json)."""
-    from nas.runfolder import write_json, write_text
+    from nas.core.runfolder import write_json, write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.core.runfolder import write_json, write_text, write_yaml
 from nas.models import ship_code
-from nas.runfolder import write_json, write_text, write_yaml
 from nas.space import arch_from_dict, build_unet, unet_config
 
 # Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;

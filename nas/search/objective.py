@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.space.schema import Arch, Space
 
 # Metric name in objectives/budgets -> key in the metrics dict.
@@ -39,7 +39,7 @@ class Hooks:
 
 def proxy_config(space: Space, space_path: str | Path | None = None):
     """The training config of the proxy runs: the recipe preset or file, plus the space's overrides."""
-    from nas.config import validate
+    from nas.core.config import validate
     from nas.train.config import TrainConfig, read_config_data
 
     recipe = space.proxy.recipe
@@ -62,7 +62,7 @@ def proxy_config(space: Space, space_path: str | Path | None = None):
 def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
     """Parameters and MACs (meta device), then latency (and peak memory) as the space says:
     measured whole on `latency.device`, or predicted from `latency.table` (`prepare_latency`)."""
-    from nas.cost import arch_cost, measure_latency
+    from nas.cost.measure import arch_cost, measure_setup
     from nas.space import build_unet
 
     cost = arch_cost(arch, batch=space.latency.batch)
@@ -70,21 +70,11 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
     lat = space.latency
     out["batch"] = lat.batch  # MACs and latency are per U-Net call on this many latents
     if lat.source == "table":  # predicted: no forward pass, deterministic, immune to load
-        from nas.latency_table import table_cost
+        from nas.cost.table import table_cost
 
         out.update(table_cost(space, arch))
         return out
-    measured = measure_latency(
-        build_unet(arch),
-        arch,
-        device=lat.device,
-        batch=lat.batch,
-        dtype=lat.dtype,
-        warmup=lat.warmup,
-        iters=lat.iters,
-        runtime=None if (lat.runtime, lat.precision) == ("eager", "fp32") else lat.runtime,
-        precision=lat.precision,
-    )
+    measured = measure_setup(build_unet(arch), arch, lat)
     out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
     out["peak_memory_mb"] = measured.peak_memory_mb
     out["other_cores_busy"] = measured.other_cores_busy  # > 0.5: the latency likely reads high
@@ -95,7 +85,7 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
 
 def _device_name(device: str) -> str:
     """GPU name or CPU model the latency was measured on (card, trial attributes)."""
-    from nas.runfolder import environment
+    from nas.core.runfolder import environment
 
     env = environment(device=device)
     return env.get("device_name") or env["cpu"]
@@ -145,7 +135,7 @@ def evaluate_point(
 
     zc = space.proxy.zero_cost
     if zc is not None:
-        from nas.proxies import zero_cost_score
+        from nas.search.proxies import zero_cost_score
 
         score = zero_cost_score(zc.proxy, arch, cache, train_config, zc.batch_size, space.proxy.seed)
         history = hooks.zero_cost_history()
@@ -193,7 +183,7 @@ def check_feasible_space(space: Space) -> None:
     """Refuse a space whose budgets exclude every point, before any trial: the smallest point of
     each depth (every cost grows with every choice) must fit the parameter and MAC budgets, and
     its measured latency the latency budget."""
-    from nas.cost import arch_cost
+    from nas.cost.measure import arch_cost
     from nas.space import extreme_archs
 
     b = space.budgets
@@ -211,3 +201,52 @@ def check_feasible_space(space: Space) -> None:
     reason = over_budget(space, best)
     if reason:
         raise NasError(f"space {space.name}: budgets exclude every architecture (smallest point: {reason})")
+
+
+@dataclass
+class PreparedSearch:
+    """What both engines need before the first trial (`prepare_search`)."""
+
+    space: Space  # with the latency table and the teacher's settings resolved
+    cache: Any  # nas.data.cache.LatentCache, checked against the space
+    train_config: Any  # the proxy runs' TrainConfig
+
+
+def prepare_search(space_path: str | Path, cache_path: str | None, teacher: str | None) -> PreparedSearch:
+    """Load and check everything a search reads before any trial or storage is touched: the space,
+    the latent cache (its shapes against the space's settings), the latency table (`source: table`),
+    the teacher's config (`--teacher`), the proxy training config, and that some point fits the budgets."""
+    from nas.cost.table import prepare_latency
+    from nas.data.cache import open_cache
+    from nas.search.teacher import prepare_distill
+    from nas.space import load_space
+
+    space = load_space(space_path)
+    if cache_path is None:
+        raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
+    cache = open_cache(cache_path)
+    check_cache(space, cache, cache_path)
+    space = prepare_latency(space, space_path)  # source: table: load and check it first
+    space = prepare_distill(space, space_path, teacher)  # the teacher's config only
+    train_config = proxy_config(space, space_path)
+    check_feasible_space(space)
+    return PreparedSearch(space, cache, train_config)
+
+
+def check_cache(space: Space, cache, cache_path: str) -> None:
+    """The cache's latents and text fit the space (settings are shared by every point of a space)."""
+    from nas.space import sample_arch
+    from nas.train.loop import check_arch_cache
+
+    sample = sample_arch(space, _FirstChoice())
+    check_arch_cache(sample, cache.manifest, f"space {space.name}", cache_path)
+
+
+class _FirstChoice:
+    """A trial stand-in that takes the first choice of every parameter."""
+
+    def suggest_int(self, name, low, high):
+        return low
+
+    def suggest_categorical(self, name, choices):
+        return choices[0]

@@ -33,26 +33,18 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.search.objective import (
     METRIC_KEYS,
     Hooks,
     Rejected,
-    check_feasible_space,
     evaluate_point,
     measure_cost,
-    proxy_config,
+    prepare_search,
 )
-from nas.search.study import (
-    SAMPLERS,
-    SearchSettings,
-    _check_cache,
-    open_storage,
-    open_study,
-    space_digest,
-    write_metadata,
-)
-from nas.space import FixedChoices, load_space, sample_arch
+from nas.search.settings import SearchSettings
+from nas.search.storage import SAMPLERS, open_storage, open_study, space_digest, write_metadata
+from nas.space import FixedChoices, sample_arch
 
 # Result keys copied to the Optuna trial's user attributes (what export and report read).
 ATTRS = ("arch_name", "params", "macs", "attention_macs", "model_class", "latency_ms_p50",
@@ -208,7 +200,7 @@ def _searcher_class():
 
             # OptunaSearch's `_ot_trials` (Ray trial id -> Optuna trial), `_ot_study` and
             # `_completed_trials` are private: Ray has no public way to reach the Optuna trial
-            # behind a Tune trial. tests/test_ray_backend.py fails if a Ray release renames them.
+            # behind a Tune trial. tests/search/test_ray_backend.py fails if a Ray release renames them.
             ot_trial = self._ot_trials.get(trial_id)
             study = self._ot_study
             assert study is not None  # set by OptunaSearch before any trial is suggested
@@ -263,18 +255,9 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
             f"--cpus-per-trial must be > 0 with --latency-accelerator, got {ray_settings.cpus_per_trial:g}:"
             " trials are kept off the latency node (started with --num-cpus=0) by needing CPUs"
         )
-    space = load_space(settings.space)
-    if settings.cache is None:
-        raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
-    cache_path = str(Path(settings.cache).resolve())
-    _check_cache(space, open_cache(cache_path), settings.cache)
-    from nas.latency_table import prepare_latency
-    from nas.search.teacher import prepare_distill
-
-    space = prepare_latency(space, settings.space)  # source: table: load and check it first
-    space = prepare_distill(space, settings.space, settings.teacher)  # the teacher's config only
-    train_config = proxy_config(space, settings.space)
-    check_feasible_space(space)
+    prepared = prepare_search(settings.space, settings.cache, settings.teacher)
+    space, train_config = prepared.space, prepared.train_config
+    cache_path = str(Path(prepared.cache.path).resolve())  # trials on other nodes open it by this path
     path = (settings.folder / "ray").resolve()  # the Tune experiment: path / study name
     owner = {
         "study": settings.study,

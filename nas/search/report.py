@@ -13,7 +13,7 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from nas.runfolder import write_text
+from nas.core.runfolder import write_text
 from nas.search.export import complete_trials, pareto_front
 
 

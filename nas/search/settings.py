@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from nas.settings import CommandSettings, arg
+from nas.core.settings import CommandSettings, arg
 
-SamplerName = Literal["tpe", "nsga2", "random", "gp"]  # keys of nas.search.study.SAMPLERS
+SamplerName = Literal["tpe", "nsga2", "random", "gp"]  # keys of nas.search.storage.SAMPLERS
 MAX_TRIALS = 100_000  # a study of more trials is a typo, not a plan (each trial trains a model)
 MAX_WORKERS = 1024  # parallel trials: local processes or Ray trials
 

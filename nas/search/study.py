@@ -17,261 +17,39 @@ requested number of trials has finished; completed trials are never redone.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import socket
 import subprocess
 import sys
 import time
-import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
-from sqlalchemy.exc import IntegrityError
 
-from nas.errors import NasError
-from nas.runfolder import RunFolder, environment
-from nas.search.objective import Hooks, Rejected, check_feasible_space, evaluate_point, proxy_config
-from nas.search.settings import SamplerName, SearchSettings
-from nas.settings import to_argv
-from nas.space import load_arch, load_space, sample_arch
-from nas.space.sample import arch_to_params
+from nas.core.errors import NasError
+from nas.core.settings import to_argv
+from nas.search.objective import Hooks, Rejected, evaluate_point, prepare_search
+from nas.search.settings import SearchSettings
+from nas.search.storage import (
+    HEARTBEAT_S,
+    counted,
+    fail_dead_local_trials,
+    fail_stale_trials,
+    finished,
+    open_storage,
+    open_study,
+    progress,
+    worker_id,
+    write_metadata,
+)
+from nas.space import sample_arch
 from nas.space.schema import Space
 
 # Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
 # we rely on them knowingly, so their warnings are noise for users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
-
-HEARTBEAT_S = 5  # seconds between a running trial's heartbeats
-GRACE_S = 20  # a trial silent this long belongs to a dead process: failed and retried
-MAX_RETRY = 3  # retries of one stale trial
-
-
-def _tpe(seed: int, multi: bool) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
-
-
-# name -> sampler factory. One explicit table; an unknown name lists these.
-SAMPLERS = {
-    "tpe": _tpe,  # default, single and multi-objective (Watanabe 2023)
-    "nsga2": lambda seed, multi: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
-    "random": lambda seed, multi: optuna.samplers.RandomSampler(seed=seed),  # a strong NAS baseline
-    # Gaussian process + (log) expected (hypervolume) improvement; single and multi-objective.
-    # Its search space is the parameters every trial shares: the conditional ones of a deeper
-    # define-by-run point (a level only some depths have) are drawn at random, by design here.
-    "gp": lambda seed, multi: optuna.samplers.GPSampler(
-        seed=seed, n_startup_trials=5, warn_independent_sampling=False
-    ),
-}
-assert tuple(SAMPLERS) == typing.get_args(SamplerName), "SamplerName must list the SAMPLERS keys"
-
-
-def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.BasePruner:
-    """Pruners measure resource in optimizer steps (the `step` of each report)."""
-    table = {
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(
-            min_resource=report_every, max_resource=max_steps
-        ),
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=report_every),
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=report_every),
-        "none": optuna.pruners.NopPruner,
-    }
-    return table[name]()
-
-
-def space_digest(path: str | Path, teacher: str | None = None) -> str:
-    """The space file's content (and `--teacher`'s resolved path: another teacher, another study)."""
-    h = hashlib.sha256(Path(path).read_bytes())
-    if teacher is not None:
-        h.update(str(Path(teacher).resolve()).encode())
-    return h.hexdigest()[:16]
-
-
-def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
-    """RDB storage, with heartbeats for `study.optimize` (the Ray engine asks and tells instead);
-    an unreachable or malformed URL is a NasError."""
-    beat: dict[str, Any] = {}
-    if heartbeat:
-        beat = dict(
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=retry_lost_trial,
-        )
-    if url.startswith("postgresql://"):  # SQLAlchemy < 2.1 would pick psycopg2, which we do not ship
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
-    for attempt in range(5):
-        try:
-            return RDBStorage(url, **beat)
-        except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
-            # Two processes creating a new storage at once (workers, a dashboard): the loser's
-            # schema insert collides (PostgreSQL: IntegrityError; SQLite: "table ... already
-            # exists"); the schema exists a moment later, so try again.
-            racing = isinstance(exc, IntegrityError) or "already exists" in str(exc)
-            if racing and attempt < 4:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            raise NasError(
-                f"storage {url}: cannot open ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-            ) from None
-    raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.Study:
-    """Create the study or load it; refuse to mix a study with another space."""
-    if settings.sampler not in SAMPLERS:
-        raise NasError(f"--sampler {settings.sampler}: unknown (allowed: {', '.join(SAMPLERS)})")
-    storage = storage or open_storage(settings.storage_url())
-    multi = len(space.objectives) > 1
-    sampler = SAMPLERS[settings.sampler](settings.seed, multi)
-    proxy = space.proxy
-    pruner = (
-        optuna.pruners.NopPruner() if multi else make_pruner(proxy.pruner, proxy.steps, proxy.report_every)
-    )
-    digest = space_digest(settings.space, settings.teacher)
-    names = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if settings.study not in names:
-        try:
-            study = optuna.create_study(
-                study_name=settings.study,
-                storage=storage,
-                directions=[o.direction for o in space.objectives],
-                sampler=sampler,
-                pruner=pruner,
-            )
-        except optuna.exceptions.DuplicatedStudyError:
-            pass  # another worker created it between our look and our create: join theirs
-        else:
-            _set_up(study, settings, space, digest)
-            return study
-    study = optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
-    theirs = _wait_ready(study)
-    if theirs is None and not study.get_trials(deepcopy=False):  # its creator died setting it up
-        _set_up(study, settings, space, digest)
-        theirs = digest
-    if theirs != digest:
-        raise NasError(
-            f"study {settings.study} exists in {settings.storage_url()} with another space"
-            f" ({study.user_attrs.get('space_file')}, digest {theirs}); use another --study name"
-        )
-    return study
-
-
-READY_WAIT_S = 60  # how long a joining worker waits for the creator to finish setting a study up
-
-
-def _set_up(study: optuna.Study, settings: SearchSettings, space: Space, digest: str) -> None:
-    """Record the space and enqueue the baselines; the digest is written last and marks the
-    study ready, so a worker that joins a study being created waits for its baselines."""
-    study.set_user_attr("space_file", str(settings.space))
-    study.set_user_attr("space", space.model_dump(mode="json"))
-    study.set_user_attr("objectives", [o.metric for o in space.objectives])
-    for rel in space.baselines:
-        path = Path(settings.space).parent / rel
-        arch = load_arch(path)
-        study.enqueue_trial(
-            arch_to_params(space, arch, str(path)), user_attrs={"baseline": arch.name}, skip_if_exists=True
-        )
-    study.set_user_attr("space_digest", digest)
-
-
-def _wait_ready(study: optuna.Study) -> str | None:
-    """The study's space digest, waiting (a state, bounded) while another worker creates it."""
-    deadline = time.monotonic() + READY_WAIT_S
-    while True:
-        digest = study.user_attrs.get("space_digest")
-        if digest is not None or time.monotonic() > deadline:
-            return digest
-        time.sleep(0.2)
-
-
-def _host() -> str:
-    """This worker's machine, as recorded on its trials. NAS_WORKER_HOST overrides the hostname
-    where hostnames are not unique across the machines sharing a storage (e.g. containers)."""
-    return os.environ.get("NAS_WORKER_HOST") or socket.gethostname()
-
-
-def _worker_id() -> str:
-    return f"{_host()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def retry_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
-    """Re-enqueue a trial whose process was lost, with exactly its parameters, if its architecture
-    had been chosen completely; return the number it was retried from, or None.
-
-    Used as the storage's heartbeat-stale callback (a trial of any host) and by
-    `fail_dead_local_trials` (this host). Optuna's own RetryHeartbeatStaleTrialCallback would
-    re-enqueue a half-chosen trial's partial parameters, and the retry would then draw the rest
-    anew: a different architecture under the old trial's name. It also copies every user
-    attribute, the dead worker's id included."""
-    if "arch" not in trial.user_attrs:
-        return None  # lost while choosing: no architecture to retry
-    retries = int(trial.user_attrs.get("retries", 0))
-    if retries >= MAX_RETRY:
-        return None
-    attrs: dict[str, Any] = {"retry_of": trial.number, "retries": retries + 1}
-    if "baseline" in trial.user_attrs:
-        attrs["baseline"] = trial.user_attrs["baseline"]
-    study.enqueue_trial(trial.params, user_attrs=attrs)
-    return trial.number
-
-
-def fail_dead_local_trials(study: optuna.Study) -> list[int]:
-    """RUNNING trials started on this host by a process that no longer exists (a SIGKILLed
-    search): fail them now and retry them (`retry_lost_trial`), instead of waiting GRACE_S for
-    the heartbeat to go stale. Trials of live or remote workers are left to the heartbeat."""
-    host = _host()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            study.tell(trial.number, state=TrialState.FAIL)
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another process failed it first (and retried it)
-        retry_lost_trial(study, trial)
-        failed.append(trial.number)
-    return failed
-
-
-def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Finished trials that count toward --trials: a FAIL without an `error` attribute is a trial
-    whose process died (retried if its architecture was chosen) or a `surplus` one that gave way,
-    not a failure of the architecture."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
-
-
-def finished(study: optuna.Study) -> int:
-    return sum(counted(t) for t in study.get_trials(deepcopy=False))
-
-
-def progress(study: optuna.Study) -> tuple[int, int]:
-    """(trials that count toward --trials, trials running now on any worker)."""
-    trials = study.get_trials(deepcopy=False)
-    return sum(counted(t) for t in trials), sum(t.state == TrialState.RUNNING for t in trials)
-
-
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Optuna's heartbeat check, which `optimize` runs only before each trial it starts: a worker
-    waiting for the others runs it itself, so a trial of a dead remote worker is still retried."""
-    optuna.storages.fail_stale_trials(study)
 
 
 class Surplus(Exception):
@@ -309,7 +87,7 @@ def make_objective(study: optuna.Study, space: Space, settings: SearchSettings, 
                 if key in t.user_attrs and t.number != trial.number
             ]
 
-        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("worker", worker_id())
         ahead = [
             t
             for t in study.get_trials(deepcopy=False)
@@ -352,53 +130,17 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     )
 
 
-def write_metadata(settings: SearchSettings, space: Space) -> None:
-    """results/<study>/: the resolved space, the settings, the environment."""
-    folder = RunFolder(settings.folder).mkdir()
-    folder.write_yaml("space.yaml", space)
-    env = environment(settings.seed)
-    settings_data = settings.model_dump(mode="json", exclude={"dry_run"})
-    folder.write_json("search.json", {"settings": settings_data, "environment": env})
-
-
-def _check_cache(space: Space, cache, cache_path: str) -> None:
-    from nas.train.loop import check_arch_cache
-
-    sample = sample_arch(space, _FirstChoice())  # settings are shared by every point
-    check_arch_cache(sample, cache.manifest, f"space {space.name}", cache_path)
-
-
-class _FirstChoice:
-    def suggest_int(self, name, low, high):
-        return low
-
-    def suggest_categorical(self, name, choices):
-        return choices[0]
-
-
 def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
     """`nas search`: run (or resume) the study until `settings.trials` trials have finished."""
     from tqdm.auto import tqdm
-
-    from nas.data.cache import open_cache
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     if settings.trials < 1:
         raise NasError(f"--trials must be >= 1, got {settings.trials}")
     if settings.workers < 1:
         raise NasError(f"--workers must be >= 1, got {settings.workers}")
-    space = load_space(settings.space)
-    if settings.cache is None:
-        raise NasError("no latent cache: pass --cache CACHE (made by `nas precompute`)")
-    cache = open_cache(settings.cache)
-    _check_cache(space, cache, settings.cache)
-    from nas.latency_table import prepare_latency
-    from nas.search.teacher import prepare_distill
-
-    space = prepare_latency(space, settings.space)  # source: table: load and check it first
-    space = prepare_distill(space, settings.space, settings.teacher)  # the teacher's config only
-    train_config = proxy_config(space, settings.space)
-    check_feasible_space(space)
+    prepared = prepare_search(settings.space, settings.cache, settings.teacher)
+    space, cache, train_config = prepared.space, prepared.cache, prepared.train_config
     settings.folder.mkdir(parents=True, exist_ok=True)
     study = open_study(settings, space)
     write_metadata(settings, space)

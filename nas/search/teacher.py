@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.space.distill import DistillConfig
 from nas.space.schema import Arch, Space
-from nas.train.distill import DistillConfig
 
 # settings a teacher must share with every student even without inheritance: the outputs are
 # compared element-wise (latent channels) and both read the same text features
@@ -49,8 +49,8 @@ def check_space_teacher(space: Space, teacher: Arch, init: str = "inherit") -> N
     and layout choice at its maximum, DeciDiffusion's layouts included where the space offers
     them): a teacher that seeds it seeds every smaller point, as inheritance slices narrower levels
     and appends nothing a smaller point would need."""
-    from nas.models.inherit_plan import check_compatible
     from nas.space.sample import extreme_archs
+    from nas.teacher.plan import check_compatible
 
     if init != "inherit":
         for name in DISTILL_SETTINGS:
@@ -75,7 +75,7 @@ def prepare_distill(space: Space, space_path: str | Path | None, teacher: str | 
     """Before any trial: the space with `teacher` applied (`with_teacher`) and its teacher path
     resolved, the teacher's config read and checked against the space (NasError naming the space
     file and the field otherwise); a space without proxy distillation unchanged."""
-    from nas.models.teacher import teacher_arch
+    from nas.teacher.arch import teacher_arch
 
     space = with_teacher(space, teacher)
     path = resolve_teacher_path(space, space_path)
@@ -97,7 +97,7 @@ _TEACHERS: dict[str, Any] = {}  # resolved path -> (module, Arch): one load per 
 
 def cached_teacher(path: str | Path) -> tuple[Any, Arch]:
     """The teacher (module, Arch), loaded on first use in this process and kept."""
-    from nas.models import teacher as teachers  # looked up at call time: tests count the loads
+    from nas.teacher import arch as teachers  # looked up at call time: tests count the loads
 
     key = str(Path(path).resolve())
     if key not in _TEACHERS:

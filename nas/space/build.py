@@ -19,11 +19,9 @@ from typing import Any
 
 import torch
 
-from nas.config import load, validate
+from nas.core.config import load, validate
+from nas.models.load import FLEX, STOCK, unet_class
 from nas.space.schema import Arch
-
-STOCK = "UNet2DConditionModel"
-FLEX = "FlexUNet2DConditionModel"
 
 
 def spread(total: int, slots: int) -> list[int]:
@@ -187,16 +185,6 @@ def unet_config(arch: Arch, force_flex: bool = False) -> tuple[str, dict[str, An
         if config is not None:
             return STOCK, config
     return FLEX, flex_config(arch)
-
-
-def unet_class(class_name: str):
-    """The one name -> class table for U-Net classes this project builds or loads."""
-    from diffusers import UNet2DConditionModel
-
-    from nas.models import FlexUNet2DConditionModel
-
-    table = {STOCK: UNet2DConditionModel, FLEX: FlexUNet2DConditionModel}
-    return table[class_name]
 
 
 def build_unet(arch: Arch, force_flex: bool = False, device: str | torch.device | None = None):

@@ -14,8 +14,8 @@ from math import ceil, prod
 from pathlib import Path
 from typing import Any, Protocol
 
-from nas.config import load, validate
-from nas.errors import NasError
+from nas.core.config import load, validate
+from nas.core.errors import NasError
 from nas.space.schema import Arch, IntRange, LevelSpace, Space
 
 

@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nas import limits as L
-from nas.config import Strict
-from nas.train.distill import DistillConfig
+from nas.core import limits as L
+from nas.core.config import Strict
+from nas.deploy.choices import Precision, Runtime, precision_error
+from nas.space.distill import DistillConfig
 
 METRICS = ("proxy_loss", "latency_ms", "params", "macs")  # what objectives and budgets may name
 
@@ -38,10 +39,21 @@ MidResolution = Literal["same", "half"]
 MID_RESOLUTIONS = ("same", "half")
 
 
+def check_latent_size(latent_size: int, levels: int, half: bool, what: str, note: str = "") -> None:
+    """The one divisibility rule: a U-Net of `levels` levels downsamples levels - 1 times, once more
+    with a half-resolution mid block, so the latent side must divide by 2**that (ValueError else)."""
+    factor = 2 ** (levels - (0 if half else 1))
+    if latent_size % factor:
+        raise ValueError(
+            f"settings.latent_size={latent_size} must be divisible by"
+            f" 2**({what}{'' if half else '-1'})={factor}{note}"
+        )
+
+
 class Settings(Strict):
     """Fixed for every point of a space; must match the VAE and text encoder the U-Net is used with."""
 
-    # Upper bounds: nas/limits.py (each with the figures of real models it leaves room for).
+    # Upper bounds: nas/core/limits.py (each with the figures of real models it leaves room for).
     latent_channels: int = Field(4, ge=1, le=L.MAX_LATENT_CHANNELS)  # VAE latent channels (SD: 4)
     latent_size: int = Field(64, ge=1, le=L.MAX_LATENT_SIZE)  # latent side (SD 1.5: 512 px / 8 = 64)
     # text encoder hidden size (CLIP ViT-L/14: 768)
@@ -76,7 +88,7 @@ def _within(r: IntRange, what: str, low: int, high: int) -> IntRange:
     return r
 
 
-# Choice lists of a level: field -> largest allowed value (see nas/limits.py).
+# Choice lists of a level: field -> largest allowed value (see nas/core/limits.py).
 CHOICE_LIMITS = {"channels": L.MAX_CHANNELS, "heads": L.MAX_HEADS, "head_dim": L.MAX_CHANNELS}
 # Range fields of a level and of the mid block: field -> (smallest min, largest max).
 RANGE_LIMITS = {
@@ -190,10 +202,10 @@ class LatencySetup(Strict):
     # untimed forwards first (allocator, caches, compile)
     warmup: int = Field(3, ge=0, le=L.MAX_LATENCY_WARMUP)
     iters: int = Field(10, ge=1, le=L.MAX_LATENCY_ITERS)  # timed forwards; median and p90 reported
-    # deploy-time runtime the U-Net is timed behind (nas/runtimes.py RUNTIMES) and its precision;
+    # deploy-time runtime the U-Net is timed behind (nas/deploy/choices.py) and its precision;
     # with a runtime other than eager fp32, `dtype` stays fp32 (the precision says it)
-    runtime: Literal["eager", "compile", "cudagraphs", "onnxruntime", "openvino"] = "eager"
-    precision: Literal["fp32", "bf16", "channels_last", "int8", "fp16"] = "fp32"
+    runtime: Runtime = "eager"
+    precision: Precision = "fp32"
 
     @model_validator(mode="after")
     def _table_given(self) -> LatencySetup:
@@ -202,12 +214,9 @@ class LatencySetup(Strict):
         if self.source == "measure" and (self.table or self.device_name):
             raise ValueError("table and device_name apply only to source: table")
         if (self.runtime, self.precision) != ("eager", "fp32"):
-            from nas.runtimes import RUNTIMES
-
-            allowed = RUNTIMES[self.runtime].precisions
-            if self.precision not in allowed:
-                raise ValueError(f"precision {self.precision} is not one of runtime {self.runtime}'s "
-                                 f"(allowed: {', '.join(allowed)})")  # fmt: skip
+            problem = precision_error(self.runtime, self.precision)
+            if problem:
+                raise ValueError(problem)
             if self.source == "table" or self.dtype != "fp32":
                 raise ValueError("runtime and precision apply to source: measure with dtype fp32")
         return self
@@ -289,13 +298,8 @@ class Space(Strict):
             )
         s = self.settings
         half = self.mid is not None and "half" in self.mid.resolution  # one resolution more
-        factor = 2 ** (self.depth.max - (0 if half else 1))
-        if s.latent_size % factor:
-            raise ValueError(
-                f"settings.latent_size={s.latent_size} must be divisible by"
-                f" 2**(depth.max{'' if half else '-1'})={factor}"
-                + (" (mid.resolution half works one resolution below the last level)" if half else "")
-            )
+        note = " (mid.resolution half works one resolution below the last level)" if half else ""
+        check_latent_size(s.latent_size, self.depth.max, half, "depth.max", note)
         for i, level in enumerate(self.levels):
             for c in level.channels:
                 if c % s.norm_num_groups:
@@ -319,7 +323,7 @@ class Space(Strict):
 class ArchLevel(Strict):
     """One level of a concrete architecture."""
 
-    # Upper bounds: nas/limits.py (each with the figures of real models it leaves room for).
+    # Upper bounds: nas/core/limits.py (each with the figures of real models it leaves room for).
     channels: int = Field(ge=1, le=L.MAX_CHANNELS)
     resnets: int = Field(ge=1, le=L.MAX_RESNETS)  # down path; the up path has resnets + 1
     attentions: int = Field(0, ge=0, le=L.MAX_ATTENTIONS)  # transformer layers on the down path
@@ -378,13 +382,8 @@ class Arch(Strict):
     def _buildable(self) -> Arch:
         s = self.settings
         half = self.mid is not None and self.mid.resolution == "half"  # one resolution more
-        factor = 2 ** (len(self.levels) - (0 if half else 1))
-        if s.latent_size % factor:
-            raise ValueError(
-                f"settings.latent_size={s.latent_size} must be divisible by"
-                f" 2**(levels{'' if half else '-1'})={factor} for {len(self.levels)} levels"
-                + (" and mid.resolution half" if half else "")
-            )
+        note = f" for {len(self.levels)} levels" + (" and mid.resolution half" if half else "")
+        check_latent_size(s.latent_size, len(self.levels), half, "levels", note)
         for i, level in enumerate(self.levels):
             if level.channels % s.norm_num_groups:
                 raise ValueError(

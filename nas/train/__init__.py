@@ -1,7 +1,7 @@
 """Training: the recipe (`TrainConfig`, presets), the one loop, checkpoints, the search's short mode."""
 
+from nas.space.distill import DistillConfig
 from nas.train.config import PRESETS, EMAConfig, TrainConfig, load_config
-from nas.train.distill import DistillConfig
 from nas.train.loop import NonFiniteLoss, TrainResult, proxy_train, train, train_arch
 
 __all__ = [

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from nas.config import dump_yaml
-from nas.errors import NasError
-from nas.runfolder import CHECKPOINTS
+from nas.core.config import dump_yaml
+from nas.core.errors import NasError
+from nas.core.runfolder import CHECKPOINTS
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

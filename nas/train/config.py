@@ -1,7 +1,7 @@
 """`TrainConfig`: the training recipe as a strict schema, named presets and `--set key=value`.
 
 The defaults are the DeciDiffusion recipe (cosine betas, zero terminal SNR, v-prediction, Min-SNR
-gamma=5, EMA for the last 5%). Presets in experiments/train_<name>.yaml are short overrides of these
+gamma=5, EMA for the last 5%). Presets in nas/train/presets/<name>.yaml (package data) are short overrides of these
 defaults; a config file may start from one with `preset: NAME` and override any key. Command-line
 overrides (`--set lr=2e-4 ema.start=0.9 ema=null`) are parsed as YAML values and checked against the
 schema like the file itself, so a typo or a wrong type is a one-line error naming the key.
@@ -10,25 +10,28 @@ schema like the file itself, so a typo or a wrong type is a one-line error namin
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 
-from nas import limits as L
-from nas.config import Strict, read_yaml, validate
+from nas.core import limits as L
+from nas.core.config import Strict, read_yaml, validate
+from nas.core.errors import NasError
 from nas.diffusion import Recipe
-from nas.errors import NasError
-from nas.train.distill import DistillConfig
+from nas.space.distill import DistillConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "experiments"
-# name -> file in experiments/. One explicit table; an unknown name is an error listing these.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: installed with the wheel
+# name -> file in nas/train/presets/. One explicit table; an unknown name is an error listing these.
 PRESETS: dict[str, str] = {
-    "decidiffusion": "train_decidiffusion.yaml",  # the default recipe (DeciDiffusion 1.0)
-    "sd15": "train_sd15.yaml",  # Stable Diffusion 1.5's recipe, for comparisons
-    "tiny": "train_tiny.yaml",  # minutes on a CPU: smoke tests and the shapes demo
+    "decidiffusion": "decidiffusion.yaml",  # the default recipe (DeciDiffusion 1.0)
+    "sd15": "sd15.yaml",  # Stable Diffusion 1.5's recipe, for comparisons
+    "tiny": "tiny.yaml",  # minutes on a CPU: smoke tests and the shapes demo
 }
+# Where the presets lived before they became package data: experiments/train_<name>.yaml.
+MOVED_PRESET = re.compile(r"train_(" + "|".join(PRESETS) + r")\.yaml")
 # Keys a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_KEYS = (
     "name",
@@ -66,8 +69,8 @@ class TrainConfig(Strict):
     # knowledge distillation from a teacher U-Net (nas/train/distill.py, BK-SDM); null: none
     distill: DistillConfig | None = None
 
-    # Upper bounds: nas/limits.py (each with the figures of real runs it leaves room for); NaN and
-    # infinity are refused in every float field (nas.config.Strict).
+    # Upper bounds: nas/core/limits.py (each with the figures of real runs it leaves room for); NaN and
+    # infinity are refused in every float field (nas.core.config.Strict).
     # seeds model init, data order, latent draws, noise, timesteps, caption drop
     seed: int = Field(0, ge=0, le=L.MAX_SEED)
     max_steps: int = Field(10_000, ge=1, le=L.MAX_STEPS)  # optimizer steps
@@ -121,13 +124,18 @@ class TrainConfig(Strict):
 
 
 def preset_path(name: str) -> Path:
-    """experiments/train_<name>.yaml for a preset name (NasError listing the names otherwise)."""
+    """nas/train/presets/<name>.yaml for a preset name (NasError listing the names otherwise)."""
     if name not in PRESETS:
         raise NasError(f"unknown preset {name!r} (allowed: {', '.join(PRESETS)}, or a path to a .yaml file)")
     return PRESET_DIR / PRESETS[name]
 
 
 def _read_mapping(path: Path) -> dict:
+    moved = MOVED_PRESET.fullmatch(path.name)
+    if moved and path.parent.name == "experiments" and not path.exists():
+        name = moved.group(1)
+        raise NasError(f"{path}: presets moved into the package: use the preset name {name!r} "
+                       f"(nas/train/presets/{PRESETS[name]})")  # fmt: skip
     data = read_yaml(path)
     if data is None:
         return {}

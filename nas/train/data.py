@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 
 # Stream tags, so the generators of one step never coincide.
 _ORDER, _LATENT, _NOISE = 0, 1, 2

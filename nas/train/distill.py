@@ -35,35 +35,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import perf_counter
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from nas import limits as L
-from nas.config import Strict
 from nas.diffusion import loss_weights, per_sample_loss, training_target
-
-
-class DistillConfig(Strict):
-    """`distill:` of a training config. Weights: BK-SDM's --lambda_sd, --lambda_kd_output and
-    --lambda_kd_feat, all 1.0 in its scripts (kd_train_text_to_image.py and scripts/*.sh)."""
-
-    teacher: str  # the teacher U-Net (nas.models.teacher.load_teacher); relative to this file
-    task: float = Field(1.0, ge=0, le=L.MAX_LOSS_WEIGHT)  # diffusion loss (BK-SDM lambda_sd: 1.0)
-    output: float = Field(1.0, ge=0, le=L.MAX_LOSS_WEIGHT)  # output KD (lambda_kd_output: 1.0)
-    # feature KD, mean over matched blocks (lambda_kd_feat: 1.0, on a SUM over its 8-9 blocks)
-    feature: float = Field(1.0, ge=0, le=L.MAX_LOSS_WEIGHT)
-    # inherit: start the student from the teacher's weights (nas.models.inherit; BK-SDM initialises
-    # its pruned U-Net from SD's); scratch: random init as without distillation
-    init: Literal["inherit", "scratch"] = "inherit"
-
-    @model_validator(mode="after")
-    def _some_weight(self) -> DistillConfig:
-        if self.task == 0 and self.output == 0 and self.feature == 0:
-            raise ValueError("task, output and feature are all 0: nothing to train (BK-SDM: 1.0 each)")
-        return self
-
+from nas.space.distill import DistillConfig
 
 # ---------------------------------------------------------------------------------------------
 # Feature tap and the matching rule
@@ -312,10 +288,10 @@ def prepare_teacher(
     `inherited` (if given) receives the InheritReport."""
     from nas.train.data import check_compatible
 
-    # The only lines that need nas.models.teacher / nas.models.inherit: imported here, lazily, so
+    # The only lines that need nas.teacher.arch / nas.teacher.inherit: imported here, lazily, so
     # that runs without `distill:` (and importing this module) never depend on them.
     if given is None:
-        from nas.models.teacher import load_teacher
+        from nas.teacher.arch import load_teacher
 
         given = load_teacher(config.teacher, what="teacher")
     teacher, teacher_arch = given
@@ -324,7 +300,7 @@ def prepare_teacher(
         model_config, cache.manifest, f"teacher {config.teacher}", str(getattr(cache, "path", "cache"))
     )
     if config.init == "inherit" and not resume:
-        from nas.models.inherit import inherit
+        from nas.teacher.inherit import inherit
 
         report = inherit(teacher, teacher_arch, student, student_arch, narrow="slice")
         if not quiet:

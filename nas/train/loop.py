@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from nas.config import read_yaml, validate
+from nas.core.config import read_yaml, validate
+from nas.core.errors import NasError
+from nas.core.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_folder
 from nas.diffusion import diffusion_loss, noise_scheduler
-from nas.errors import NasError
 from nas.models import ship_code
-from nas.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_folder
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig, check_resumable
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
 from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
-from nas.train.run import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
+from nas.train.metrics import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
 
 # A final validation loss above this multiple of the best one marks the run as diverged (warning,
 # summary.json). Seen: SD's recipe at a constant lr 1e-3 went from 0.085 to 0.99 at step ~1,220.

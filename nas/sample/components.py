@@ -1,0 +1,176 @@
+"""What sampling needs from a training run: weights, frozen encoders, empty caption, noise schedule.
+
+A run folder (`nas train`, see nas/core/runfolder.py) holds the resolved config (recipe and cache path)
+and `final/unet` / `final/unet_ema` (save_pretrained folders). The VAE and text encoder are the ones
+the latent cache was made with; its manifest names them and their sha256, which are checked here,
+so a sampler never pairs a U-Net with encoders it was not trained on.
+
+Inference schedulers are diffusers' own, configured from the run's recipe by the same
+`nas.diffusion.scheduler_config` the trainer uses (betas, zero terminal SNR, prediction type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas.core.errors import NasError
+from nas.core.runfolder import CONFIG
+from nas.models.load import load_unet, weights_folder
+
+# name -> (diffusers class, extra config). One explicit table; unknown names are errors.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),  # Song et al. 2021, deterministic (eta = 0)
+    # DPM-Solver++ 2M (Lu et al. 2022): diffusers' default multistep solver for text-to-image
+    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),  # Karras et al. 2022, Algorithm 2 without churn
+}
+# Timestep grids. "trailing" starts at t = T-1 and never evaluates t = 0 (Lin et al. 2023, the seed's
+# "omit step 0"); "leading" (SD 1.5, with steps_offset 1) and "linspace" (includes t = 0) for comparison.
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+def check_scheduler(name: str) -> str:
+    if name not in SCHEDULERS:
+        raise NasError(f"--scheduler {name!r}: unknown scheduler (allowed: {', '.join(SCHEDULERS)})")
+    return name
+
+
+def make_scheduler(name: str, recipe, spacing: str = "trailing"):
+    """A diffusers inference scheduler configured as the run was trained (`recipe`: diffusion.Recipe)."""
+    import diffusers
+
+    from nas.diffusion import scheduler_config
+
+    check_scheduler(name)
+    if spacing not in SPACINGS:
+        raise NasError(f"--spacing {spacing!r}: unknown timestep spacing (allowed: {', '.join(SPACINGS)})")
+    class_name, extra = SCHEDULERS[name]
+    config = {**scheduler_config(recipe), **extra, "timestep_spacing": spacing}
+    # StableDiffusionPipeline rewrites steps_offset to 1 (with a deprecation warning); it moves only the
+    # "leading" grid, where the recipe already says 1, so setting it here changes no timestep.
+    config["steps_offset"] = 1
+    return getattr(diffusers, class_name).from_config(config)
+
+
+@dataclass
+class RunComponents:
+    """Everything a sampler or an exported pipeline is made of, loaded from one run folder."""
+
+    run: Path
+    unet: Any  # UNet2DConditionModel or nas.models.FlexUNet2DConditionModel, eval mode
+    vae: Any  # AutoencoderKL; config.scaling_factor set to the cache's
+    text_encoder: Any  # nas.data.encoders.TextEncoder (model, tokenizer capped to the cache's text_len)
+    empty_text: torch.Tensor  # [T, D]: the cached empty caption, the unconditional side of CFG
+    recipe: Any  # nas.diffusion.Recipe the run was trained with
+    manifest: dict  # the latent cache's manifest
+    cache: Any  # nas.data.cache.LatentCache
+    weights: str  # "ema" or "raw"
+    model_sha256: str  # sha256 of the U-Net weight files used
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    def to(self, device: str | torch.device) -> RunComponents:
+        self.unet.to(device)
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        self.empty_text = self.empty_text.to(device)
+        return self
+
+
+def read_run_config(run: Path):
+    """The run's resolved TrainConfig (RUN/config.yaml), validated strictly."""
+    from nas.core.config import load
+    from nas.train.config import TrainConfig
+
+    if not run.is_dir():
+        raise NasError(f"{run}: run folder not found (expected the --out folder of `nas train`)")
+    return load(TrainConfig, run / CONFIG)
+
+
+def _check_identity(kind: str, expected: dict, actual_sha: str, cache_path: Path) -> None:
+    if expected.get("sha256") and expected["sha256"] != actual_sha:
+        raise NasError(f"{cache_path}: the {kind} at {expected.get('path')} has changed since the cache was "
+                       f"made (sha256 {actual_sha[:12]}, cache says {expected['sha256'][:12]})")  # fmt: skip
+
+
+def load_run(run: str | Path, weights: str = "auto", device: str | torch.device = "cpu") -> RunComponents:
+    """Load a trained run's U-Net (EMA by default), the cache's VAE and text encoder, and its recipe."""
+    from nas.data.cache import open_cache
+    from nas.data.encoders import load_text_encoder, load_vae, vae_folder, weights_sha256
+    from nas.train.data import check_compatible
+
+    run = Path(run)
+    config = read_run_config(run)
+    kind, folder = weights_folder(run, weights)
+    if config.cache is None:
+        raise NasError(f"{run / 'config.yaml'}: cache: not set; the sampler needs the run's latent cache")
+    cache_path = Path(config.cache)
+    cache = open_cache(cache_path)
+    manifest = cache.manifest
+    if float(manifest.get("shift_factor", 0.0) or 0.0) != 0.0:
+        raise NasError(f"{cache_path}: VAE shift_factor {manifest['shift_factor']} is not supported by "
+                       "StableDiffusionPipeline; sample from a cache made with a shift-free VAE")  # fmt: skip
+
+    unet = load_unet(folder)
+    check_compatible(dict(unet.config), manifest, str(folder), str(cache_path))
+    vae = load_vae(manifest["vae"]["path"])
+    _check_identity("VAE", manifest["vae"], weights_sha256(vae_folder(manifest["vae"]["path"])), cache_path)
+    # The cache's latents were scaled by this factor; the pipeline divides by vae.config.scaling_factor.
+    vae.register_to_config(scaling_factor=float(manifest["scaling_factor"]))
+    text_encoder = load_text_encoder(manifest["text_encoder"]["path"], max_length=int(manifest["text_len"]))
+    _check_identity("text encoder", manifest["text_encoder"], text_encoder.identity["sha256"], cache_path)
+    empty, _ = cache.empty_text()
+    components = RunComponents(
+        run=run,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        empty_text=empty.float(),
+        recipe=config.diffusion,
+        manifest=manifest,
+        cache=cache,
+        weights=kind,
+        model_sha256=weights_sha256(folder),
+    )
+    return components.to(device)
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> list[str] | None:
+    """Prompts from --prompt or --prompts-file (one a line; blank lines and '#' lines skipped)."""
+    if prompts and prompts_file:
+        raise NasError("--prompt and --prompts-file: give one or the other")
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise NasError(f"{path}: prompts file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise NasError(f"{path}: not a UTF-8 text file (expected one prompt a line)") from None
+        found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
+            raise NasError(f"{path}: no prompts (expected one prompt a line)")
+        return found
+    if prompts is not None:
+        if not prompts or any(not p.strip() for p in prompts):
+            raise NasError("--prompt: empty prompt (give the text to draw)")
+        return [p.strip() for p in prompts]
+    return None
+
+
+def held_out_captions(run: str | Path, count: int) -> list[str]:
+    """The first `count` captions the trainer held out (the last `val_items` items of the run's cache)."""
+    from nas.data.cache import open_cache
+
+    config = read_run_config(Path(run))
+    if config.cache is None:
+        raise NasError(f"{Path(run) / 'config.yaml'}: cache: not set; pass prompts")
+    captions = open_cache(config.cache).captions()
+    held_out = captions[len(captions) - min(config.val_items, len(captions)) :]
+    return held_out[:count]
