@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except NasError as exc:
         print(f"nas {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"nas {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # a command may name what to rerun (`hint`), and SIGTERM's code
+        print(f"nas {args.command}: {getattr(exc, 'hint', None) or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     return code
 
 

@@ -171,6 +171,13 @@ def test_light_modules_load_no_heavy_code(module, forbidden):
     assert loaded.stdout.strip() == "", f"import {module} loaded {loaded.stdout.strip()}"
 
 
+def test_the_command_line_parser_loads_no_torch():
+    # `nas --help` stays fast, and a command can set thread settings (OMP_*) before torch loads
+    code = "import sys; from nas.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "False"
+
+
 if __name__ == "__main__":
     g = graph()
     up, circles = upward_imports(g), cycles(g)

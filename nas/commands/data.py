@@ -1,9 +1,14 @@
-"""Datasets: write the embedded `shapes` dataset, train the evaluator that reads its images.
+"""Datasets: write the embedded `shapes` dataset, train the evaluator `nas eval` scores images with.
 
 nas data shapes --out DIR --n 2000             DIR/train and DIR/validation, image folders with
                                                metadata.jsonl (caption + labels), same seed = same bytes
-nas data train-evaluator --out DIR [--data D]  classifier for prompt alignment and a Frechet distance;
-                                               validation accuracy on D/validation (or generated scenes)
+nas data train-evaluator --out DIR [--data D]  shapes classifier for prompt alignment and a Frechet
+                                               distance; validation accuracy on D/validation (or
+                                               generated scenes)
+nas data train-evaluator --out DIR --cache C   any captioned data: an image encoder trained
+                                               contrastively against the cache's caption states, on
+                                               the images the cache was made from; retrieval of the
+                                               held-out items' captions is its validation
 """
 
 from __future__ import annotations
@@ -29,14 +34,24 @@ class ShapesSettings(CommandSettings):
 
 
 class EvaluatorSettings(CommandSettings):
-    """train the shapes evaluator (alignment + features)"""
+    """train the evaluator nas eval scores with: shapes, or any captioned data with --cache"""
 
     command = ("data", "train-evaluator")
     out: str = arg(help="new folder for evaluator.json + .safetensors")
     data: str | None = arg(None, "shapes folder whose validation split measures accuracy", input="folder")
-    size: int = arg(32, "image side in pixels", ge=8, le=MAX_SIZE)
-    steps: int = arg(2500, "optimizer steps", ge=1, le=1_000_000)
-    train_images: int = arg(20000, "generated training images", ge=1, le=MAX_IMAGES)
+    cache: str | None = arg(
+        None, "latent cache of `nas precompute`: train the contrastive evaluator on its items", input="folder"
+    )
+    size: int | None = arg(
+        None, "image side in pixels (default 32; with --cache the cache's)", ge=8, le=MAX_SIZE
+    )
+    steps: int | None = arg(None, "optimizer steps (default 2500; with --cache 1000)", ge=1, le=1_000_000)
+    train_images: int | None = arg(
+        None, "generated training images, shapes only (default 20000)", ge=1, le=MAX_IMAGES
+    )
+    val_items: int = arg(
+        64, "with --cache: last items held out, as `nas train` holds them out", ge=1, le=MAX_IMAGES
+    )
     seed: int = arg(1, "training seed", ge=0)
 
 
@@ -45,10 +60,28 @@ SETTINGS = {"shapes": ShapesSettings, "train-evaluator": EvaluatorSettings}
 
 def _evaluator_config(settings: EvaluatorSettings):
     from nas.core.config import validate
-    from nas.evaluate import shapes_evaluator as ev
+    from nas.core.errors import NasError
 
-    values = {"resolution": settings.size, "steps": settings.steps, "train_images": settings.train_images}
-    return validate(ev.EvaluatorConfig, {**values, "seed": settings.seed}, "command line")
+    if settings.cache is None:
+        from nas.evaluate import shapes_evaluator as ev
+
+        values = {"resolution": settings.size, "steps": settings.steps, "train_images": settings.train_images}
+        values = {k: v for k, v in values.items() if v is not None}
+        return validate(ev.EvaluatorConfig, {**values, "seed": settings.seed}, "command line")
+    from nas.evaluate import contrastive_evaluator as ce
+
+    for flag, value in (
+        ("--data", settings.data),
+        ("--size", settings.size),
+        ("--train-images", settings.train_images),
+    ):
+        if value is not None:
+            raise NasError(f"{flag}: not with --cache (the contrastive evaluator trains on the cache's items, "
+                           "at the cache's resolution)")  # fmt: skip
+    values = {"val_items": settings.val_items, "seed": settings.seed}
+    if settings.steps is not None:
+        values["steps"] = settings.steps
+    return validate(ce.ContrastiveConfig, values, "command line")
 
 
 def dry_run(settings) -> dict:
@@ -78,13 +111,31 @@ def _train_evaluator(settings: EvaluatorSettings) -> int:
     out = Path(settings.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NasError(f"{out}: exists and is not empty; choose a new --out (nothing was written)")
-    val = _validation_split(Path(settings.data), settings.size) if settings.data else None
+    if settings.cache is not None:
+        return _train_contrastive(settings, config, out)
+    val = _validation_split(Path(settings.data), config.resolution) if settings.data else None
     evaluator, metrics = ev.train_evaluator(config, val)
     ev.save_evaluator(evaluator, out)
     accuracy = ", ".join(f"{k} {v:.3f}" for k, v in metrics["val_accuracy"].items())
     print(
         f"evaluator: validation alignment {metrics['val_alignment']:.4f} on {metrics['val_images']} images "
         f"({accuracy}; exact scenes {metrics['val_exact_scene']:.3f}); saved to {out}"
+    )
+    return 0
+
+
+def _train_contrastive(settings: EvaluatorSettings, config, out: Path) -> int:
+    from nas.data.cache import open_cache
+    from nas.evaluate import contrastive_evaluator as ce
+
+    assert settings.cache is not None  # the caller's branch
+    cache = open_cache(settings.cache)
+    evaluator, m = ce.train_contrastive(cache, config)
+    ce.save_evaluator(evaluator, out, cache_path=cache.path)
+    print(
+        f"evaluator: held-out retrieval {m['val_alignment']:.3f} (own caption first among K={m['val_alignment_k']}, "
+        f"chance {m['val_chance_alignment']:.3f}; among all {m['val_distinct_prompts']} distinct captions "
+        f"{m['val_top1_all']:.3f}) on {m['val_items']} items; training items {m['train_alignment']:.3f}; saved to {out}"
     )
     return 0
 

@@ -1,7 +1,8 @@
-"""Quality against the number of denoising steps on fixed prompts and seeds: for a model trained on
-shapes, prompt alignment (with its chance level) and the domain Frechet distance from the shapes
-evaluator; for other data, Inception FID (torchmetrics, Inception weights available locally).
-Writes OUT/eval.json, OUT/quality_vs_steps.png and a grid of images per step count."""
+"""Quality against the number of denoising steps on fixed prompts and seeds: prompt alignment (with
+its chance level) and a Frechet distance in the evaluator's feature space, from a shapes evaluator
+or, for any other captioned data, a contrastive one (`nas data train-evaluator --cache`); where the
+weights are on disk, also CLIP alignment and score (--clip) and Inception FID (--fid-weights).
+Nothing is downloaded. Writes OUT/eval.json, OUT/quality_vs_steps.png and a grid per step count."""
 
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ class Settings(Sampling):
         [10, 20, 30, 50], "step counts, comma- or space-separated", min_length=1, max_length=64
     )
     n: int = arg(200, "images per step count: prompts x 1 seed each", ge=2, le=MAX_IMAGES)
-    evaluator: str | None = arg(None, "shapes evaluator folder (`nas data train-evaluator`)", input="folder")
+    evaluator: str | None = arg(
+        None,
+        "evaluator folder of `nas data train-evaluator` (shapes, or --cache: contrastive)",
+        input="folder",
+    )
+    clip: str | None = arg(None, "local CLIP model folder (CLIPModel, loaded offline): CLIP alignment and score",
+                           input="folder")  # fmt: skip
+    fid_weights: str | None = arg(None, "Inception weights file for FID (torchmetrics + torch-fidelity, offline)",
+                                  input="file")  # fmt: skip
+    k: int = arg(8, "alignment by retrieval: prompts each image is ranked among, its own included (chance 1/K)",
+                 ge=2, le=1000)  # fmt: skip
     out: str | None = arg(None, "output folder (default RUN/eval/<scheduler>-seed<K>)")
 
     _commas = comma_list("steps")
@@ -57,21 +68,26 @@ def run(settings: Settings) -> int:
         weights=settings.weights,
         device=settings.device,
         progress=not settings.quiet,
+        clip=settings.clip,
+        fid_weights=settings.fid_weights,
+        k=settings.k,
     )
     for row in report["results"]:
-        if report["kind"] == "shapes":
-            print(
-                f"{row['steps']:>4} steps: alignment {row['alignment']:.3f} (chance {row['chance_alignment']:.3f}),"
-                f" Frechet distance {row['frechet_distance']:.2f}, rmse to {steps_list[-1]} steps {row['rmse_to_max']:.4f}"
-            )
-        else:
-            print(
-                f"{row['steps']:>4} steps: FID {row['fid']:.2f}, rmse to {steps_list[-1]} steps {row['rmse_to_max']:.4f}"
-            )
-    if report["kind"] == "shapes":
-        ref = report["reference"]
+        parts = []
+        if "alignment" in row:
+            parts.append(f"alignment {row['alignment']:.3f} (chance {row['chance_alignment']:.3f})")
+            parts.append(f"Frechet distance {row['frechet_distance']:.2f}")
+        parts += [f"{name} {row[key]:.3f}" for key, name in (("clip_alignment", "CLIP alignment"),
+                                                              ("clip_score", "CLIP score"), ("fid", "FID")) if key in row]  # fmt: skip
         print(
-            f"real images: alignment {ref['real_alignment']:.3f}, Frechet floor {ref.get('fd_real_floor', float('nan')):.2f};"
+            f"{row['steps']:>4} steps: {', '.join(parts)}, rmse to {steps_list[-1]} steps {row['rmse_to_max']:.4f}"
+        )
+    ref = report["reference"]
+    if "real_alignment" in ref:
+        retrieval = ref.get("retrieval")
+        among = f" (own prompt first among K={retrieval['k']})" if retrieval else ""
+        print(
+            f"real images: alignment {ref['real_alignment']:.3f}{among}, Frechet floor {ref.get('fd_real_floor', float('nan')):.2f};"
             f" through the VAE: alignment {ref['vae_alignment']:.3f}, Frechet distance {ref['fd_vae']:.2f}"
         )
     print(f"wrote {out / 'eval.json'} and {out / 'quality_vs_steps.png'}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from nas.core import limits as L
 from nas.core.settings import CommandSettings, arg
-from nas.deploy.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from nas.deploy.choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 
 class Settings(CommandSettings):

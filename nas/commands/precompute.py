@@ -51,6 +51,7 @@ def dry_run(settings: Settings) -> dict:
     vae = load_vae(Path(settings.vae))
     return {
         "source": source.fingerprint(),
+        "skipped_while_listing": source.skips.summary(),  # images are checked only when encoded
         "resolved_resolution": settings.resolution or int(vae.config.sample_size),
     }
 
@@ -88,10 +89,18 @@ def run(settings: Settings) -> int:
         text_dtype=settings.text_dtype,
     )
     seconds = time.perf_counter() - start
-    reasons = ", ".join(f"{n} {r}" for r, n in manifest["skipped_reasons"].items()) or "none"
     print(
-        f"cache {out}: {manifest['count']} items, skipped {manifest['skipped']} ({reasons}), "
+        f"cache {out}: {manifest['count']} items, "
         f"latents {manifest['latent_channels']}x{manifest['latent_size']}x{manifest['latent_size']}, "
         f"text {manifest['text_len']}x{manifest['text_dim']}, {seconds:.1f} s"
     )
+    print(skipped_line(out / manifest["skipped_items"]))
     return 0
+
+
+def skipped_line(file: Path) -> str:
+    """'skipped 3: 2 missing file (a.png line 4, ...); 1 corrupt image (...); all in CACHE/skipped.jsonl'."""
+    from nas.data.skips import Skips
+
+    skips = Skips.read(file)
+    return f"{skips.summary()}; all in {file}" if skips else skips.summary()

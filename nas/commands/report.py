@@ -73,4 +73,16 @@ def run(settings: Settings) -> int:
         print(f"{key:12s} {path}")
     url = storages(settings)[0] or f"sqlite:///{Path(settings.results) / name / 'study.db'}"
     print(f"dashboard    optuna-dashboard {url}")
+    print(next_hint(settings))
     return 0
+
+
+def next_hint(settings: Settings) -> str:
+    """'next: nas export ...' for the one study reported, with its --storage and --results (those
+    not at their defaults), so it runs as printed."""
+    from nas.commands import export
+    from nas.commands.hints import next_line
+
+    name, storage = settings.study[0], storages(settings)[0]
+    out = str(Path(settings.results) / name / "export")
+    return next_line(export.Settings(study=name, storage=storage, results=settings.results, out=out))

@@ -4,10 +4,13 @@ to resume a killed search."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from nas.core.settings import arg
 from nas.search.settings import SearchSettings
+
+if TYPE_CHECKING:
+    from nas.search.interrupt import Interrupted
 
 Backend = Literal["optuna", "ray"]
 
@@ -60,14 +63,46 @@ def run(settings: Settings) -> int:
             ),
             quiet=settings.quiet,
         )
+        if not settings.quiet:
+            print(next_hint(engine))
         return 0
+    from nas.search.interrupt import Interrupted
     from nas.search.storage import finished
-    from nas.search.study import run_search
+    from nas.search.study import run_search, worker_rank
 
-    study = run_search(engine, quiet=settings.quiet)
+    try:
+        study = run_search(engine, quiet=settings.quiet)
+    except Interrupted as stop:
+        if worker_rank() > 0:  # an extra local worker: the search that started it speaks for it
+            return stop.exit_code
+        stop.hint = resume_hint(settings, stop)
+        raise  # the CLI prints the hint and exits 130 (SIGINT) or 143 (SIGTERM)
     if not settings.quiet:
         print(f"study {engine.study}: {finished(study)} trials finished; storage {engine.storage_url()}")
-        print(
-            f"next: nas export --study {engine.study} --out results/{engine.study}/export; nas report --study {engine.study}"
-        )
+        print(next_hint(engine))
     return 0
+
+
+def next_hint(engine: SearchSettings) -> str:
+    """'next: nas export ...; nas report ...' for this study, with the --storage and --results the
+    search was given (those not at their defaults), so both commands run as printed."""
+    from nas.commands import export, report
+    from nas.commands.hints import next_line
+
+    study, storage, results = engine.study, engine.storage, engine.results
+    return next_line(
+        export.Settings(study=study, storage=storage, results=results, out=str(engine.folder / "export")),
+        report.Settings(study=[study], storage=[storage] if storage else None, results=results),
+    )
+
+
+def resume_hint(settings: Settings, stop: Interrupted) -> str:
+    """One line: what the interrupt did and the command (the same flags) that resumes the study."""
+    import shlex
+
+    from nas.core.settings import to_argv
+
+    trials = ("trial " if len(stop.retried) == 1 else "trials ") + ", ".join(map(str, stop.retried))
+    retried = f"{trials} failed and re-enqueued to run first; " if stop.retried else ""
+    command = shlex.join(["nas", *to_argv(settings)])
+    return f"interrupted by {stop.signal_name}; {retried}resume with: {command}"

@@ -1,7 +1,9 @@
 """Autoencoders: `nas vae train` trains a small diffusers AutoencoderKL on CPU for the `shapes` data.
 
 The result is a diffusers folder (config.json with the latent scaling factor measured from data,
-diffusion_pytorch_model.safetensors) plus vae_train.json with the measured reconstruction quality.
+diffusion_pytorch_model.safetensors) plus vae_train.json with the measured reconstruction quality
+(validation PSNR every 500 steps and a verdict), psnr.png and reconstructions.png; the command ends
+with the verdict line (nas/data/vae_quality.py).
 Real data uses a pretrained VAE folder (e.g. Stable Diffusion's) directly with `nas precompute`.
 """
 
@@ -72,11 +74,23 @@ def run(settings: TrainSettings) -> int:
 
     torch.set_flush_denormal(True)  # tiny activations late in training otherwise slow CPU steps 10x
     source = open_source(settings.data)
-    images, _, skipped = load_images(source, config.resolution, limit=settings.max_images)
-    report = train_vae(images, Path(settings.out), config, data=settings.data, skipped=sum(skipped.values()))
+    images, _, skips = load_images(source, config.resolution, limit=settings.max_images)
+    if skips:  # named before the long run starts; every one goes into vae_train.json
+        print(f"vae: {skips.summary()}", flush=True)
+    report = train_vae(
+        images,
+        Path(settings.out),
+        config,
+        data=settings.data,
+        skipped=len(skips),
+        skipped_reasons=skips.counts(),
+        skipped_items=[s.row() for s in skips],
+    )
     print(
         f"vae: validation PSNR {report['val_psnr_db']:.2f} dB (MSE {report['val_mse']:.5f}), "
         f"scaling factor {report['scaling_factor']:.5f}, {report['train_seconds']:.0f} s; "
-        f"skipped {report['skipped']}; saved to {settings.out}"
+        f"skipped {report['skipped']}{' (listed in vae_train.json)' if skips else ''}; "
+        f"saved to {settings.out}"
     )
+    print(report["verdict"]["line"])  # usable or too blurry, against docs/data.md's threshold
     return 0

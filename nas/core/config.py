@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,23 +40,56 @@ def read_yaml(path: str | Path) -> Any:
         raise NasError(f"{path}: malformed YAML{at}: {problem}") from None
 
 
+# difflib's own default similarity ratio: `resnet` -> `resnets` scores 0.92, `skipp` -> `skip`
+# 0.89; `attn` -> `attentions` 0.57 and `colour` -> `channels` 0.29 get the allowed keys listed
+CLOSE_MATCH_CUTOFF = 0.6
+
+
+def closest(key: object, allowed: Sequence[str]) -> str | None:
+    """The allowed name closest to a misspelt `key` (difflib), or None when none is close."""
+    found = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=CLOSE_MATCH_CUTOFF)
+    return found[0] if found else None
+
+
+def unknown_key(key: object, allowed: Sequence[str], what: str = "key", spell=str) -> str:
+    """'unknown key; did you mean `resnets`?' for a near miss of an allowed name, else
+    'unknown key (allowed: ...)'; `spell(name)` writes a name as the user would (a flag, a path)."""
+    near = closest(key, allowed)
+    if near is not None:
+        return f"unknown {what}; did you mean `{spell(near)}`?"
+    return f"unknown {what} (allowed: {', '.join(map(spell, allowed))})" if allowed else f"unknown {what}"
+
+
+def first_errors(exc: pydantic.ValidationError) -> list[ErrorDetails]:
+    """The errors, unknown keys first: a misspelt key also makes the key it meant missing, and the
+    typo is the one to report."""
+    errors = exc.errors()
+    return [e for e in errors if e["type"] == "extra_forbidden"] + [
+        e for e in errors if e["type"] != "extra_forbidden"
+    ]
+
+
 def validation_message(exc: pydantic.ValidationError, source: str | Path) -> str:
-    """The first pydantic error as 'FILE: field.path: what is wrong (allowed: ...)'."""
-    err = exc.errors()[0]
+    """The first pydantic error as 'FILE: field.path: what is wrong (allowed: ...)', an unknown key
+    before everything else (with the allowed key it is closest to)."""
+    errors = first_errors(exc)
+    err = errors[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind = err["type"]
+    rest = errors[1:]
     if kind == "extra_forbidden":
-        msg = "unknown key"
         allowed = _allowed_keys(exc, err)
-        if allowed:
-            msg += f" (allowed: {', '.join(allowed)})"
+        msg, near = unknown_key(err["loc"][-1], allowed), closest(err["loc"][-1], allowed)
+        if near is not None:  # the key it meant, missing only because of the typo, is no other error
+            meant = (*err["loc"][:-1], near)
+            rest = [e for e in rest if not (e["type"] == "missing" and tuple(e["loc"]) == meant)]
     elif kind == "missing":
         msg = "required key missing"
     else:
         msg = err["msg"]
         if "input" in err and not isinstance(err["input"], dict | list):
             msg += f" (got {err['input']!r})"
-    more = len(exc.errors()) - 1
+    more = len(rest)
     suffix = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""
     return f"{source}: {loc}: {msg}{suffix}"
 
@@ -63,17 +98,20 @@ def _allowed_keys(exc: pydantic.ValidationError, err: ErrorDetails) -> list[str]
     model = getattr(exc, "_nas_model", None)
     if model is None:
         return []
-    # Walk the location through nested models to the one that rejected the key.
-    for part in err["loc"][:-1]:
+    return allowed_keys(model, err["loc"][:-1])
+
+
+def allowed_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys of the model found by walking `loc` (list indices skipped) through nested models."""
+    inner: type[BaseModel] | None = model
+    for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
+        field = inner.model_fields.get(part) if inner is not None else None
         if field is None:
             return []
-        model = _inner_model(field.annotation)
-        if model is None:
-            return []
-    return sorted(model.model_fields)
+        inner = _inner_model(field.annotation)
+    return sorted(inner.model_fields) if inner is not None else []
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:

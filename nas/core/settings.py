@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 from pydantic import Field, field_validator
 
-from nas.core.config import Strict
+from nas.core.config import Strict, allowed_keys, first_errors, unknown_key
 from nas.core.errors import NasError
 
 
@@ -167,16 +167,22 @@ def add_actions(parser: argparse.ArgumentParser, models: dict[str, type[CommandS
 def settings_message(
     exc: pydantic.ValidationError, model: type[CommandSettings], name_of, allowed: list[str] | None = None
 ) -> str:
-    """The first error as 'NAME: what is wrong (allowed: ...)'; `name_of(field)` spells the field
-    as the user wrote it (`--sampler` on the command line, `search.sampler` in an experiment)."""
-    err = exc.errors()[0]
+    """The first error as 'NAME: what is wrong (allowed: ...)', an unknown setting before the rest
+    (with the allowed one it is closest to); `name_of(field)` spells the field as the user wrote it
+    (`--sampler` on the command line, `search.sampler` in an experiment); `allowed`: the names an
+    unknown key may be instead, as written (default: every field, spelt by `name_of`)."""
+    err = first_errors(exc)[0]
     loc = err["loc"]
     field = model.model_fields.get(str(loc[0])) if loc else None
     name = name_of(str(loc[0])) if loc else "(settings)"
     name += "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
     if err["type"] == "extra_forbidden":
-        allowed = allowed or [name_of(n) for n in model.model_fields if n != "dry_run"]
-        return f"{name}: unknown setting (allowed: {', '.join(allowed)})"
+        if len(loc) > 1:  # a key inside a setting that is itself a mapping of known keys
+            return f"{name}: {unknown_key(loc[-1], allowed_keys(model, loc[:-1]))}"
+        if allowed:
+            return f"{name}: {unknown_key(loc[0], allowed, 'setting')}"
+        names = [n for n in model.model_fields if n != "dry_run"]
+        return f"{name}: {unknown_key(loc[0], names, 'setting', name_of)}"
     if err["type"] == "missing":
         return f"{name}: required"
     msg = err["msg"].removeprefix("Value error, ")

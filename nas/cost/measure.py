@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import psutil
@@ -71,6 +72,20 @@ def example_inputs(arch: Arch, batch: int = 1, tokens: int | None = None, device
     return sample.to(device, dtype), timestep.to(device), text.to(device, dtype)
 
 
+def guidance_input(arch: Arch, batch: int = 1, device="cpu", dtype=torch.float32) -> torch.Tensor | None:
+    """The `timestep_cond` of an arch with a guidance embedding (settings.time_cond_proj_dim), else
+    None: w = 7 (guidance scale 8) embedded as LCM pipelines do. Passed by keyword (the 4th positional
+    argument of a U-Net's forward is class_labels); the forward runs without it too, cond_proj unused."""
+    dim = arch.settings.time_cond_proj_dim
+    if dim is None:
+        return None
+    if str(device) == "meta":
+        return torch.empty(batch, dim, device="meta")
+    from nas.models.guidance import guidance_embedding
+
+    return guidance_embedding(torch.full((batch,), 7.0), dim).to(device, dtype)
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -88,7 +103,9 @@ def count_macs(model: torch.nn.Module, inputs: tuple) -> dict[str, Any]:
 def arch_cost(arch: Arch, batch: int = 1, tokens: int | None = None) -> dict[str, Any]:
     """Parameters and MACs of `arch`, computed on the meta device (no weights allocated)."""
     model = build_unet(arch, device="meta")
-    macs = count_macs(model, example_inputs(arch, batch, tokens, device="meta"))
+    cond = guidance_input(arch, batch, device="meta")  # params and MACs include cond_proj
+    forward = model if cond is None else partial(model, timestep_cond=cond)
+    macs = count_macs(forward, example_inputs(arch, batch, tokens, device="meta"))  # type: ignore[arg-type]
     return {
         "params": count_params(model),
         "macs": macs["macs"],
@@ -175,6 +192,94 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB else
 
 
+class Forward:
+    """A model made ready to time once: wrapped behind a runtime, moved, cast, laid out and compiled
+    as asked, with its example inputs; `time_ms()` runs and times one forward (CUDA events on GPU).
+    Kept across measurements where one model is timed again and again (a search's baseline).
+    `runtime` (nas.deploy.runtimes.RUNTIMES key): the U-Net wrapped at `precision` and called with
+    fp32 inputs as a sampler calls it; `dtype`, `channels_last` and `compile` are then the precision's."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: Arch,
+        device: str = "cpu",
+        batch: int = 1,
+        dtype: str = "fp32",
+        tokens: int | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        runtime: str | None = None,
+        precision: str = "fp32",
+    ):
+        dev = torch.device(device)
+        if runtime is not None:
+            from nas.core.errors import NasError
+            from nas.deploy.runtimes import wrap_unet
+
+            if (dtype, channels_last, compile) != ("fp32", False, False):
+                raise NasError(
+                    "with a runtime, give the precision instead of dtype, channels_last or compile"
+                )
+            model = wrap_unet(
+                model, runtime, precision, device=device, tokens=tokens or arch.settings.text_len
+            )
+        model = model.to(dev).eval()
+        if dtype != "fp32":
+            model = model.to(DTYPES[dtype])
+        inputs = example_inputs(arch, batch, tokens, device=dev, dtype=DTYPES[dtype])
+        if channels_last:
+            # nn.Module.to takes memory_format at run time (torch docs); its typed overloads omit it.
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
+        self.arch, self.device, self.inputs = arch, dev, inputs
+        self.run = torch.compile(model) if compile else model
+        self.cuda = dev.type == "cuda"
+        self.settings: dict[str, Any] = dict(
+            device=str(dev),
+            batch=batch,
+            dtype=dtype,
+            channels_last=channels_last,
+            compiled=compile,
+            runtime=runtime or "eager",
+            precision=precision if runtime else None,
+        )
+
+    def __call__(self) -> None:
+        with torch.inference_mode():
+            self.run(*self.inputs)
+
+    def time_ms(self) -> float:
+        """One forward, in milliseconds of wall time (CUDA events on GPU)."""
+        with torch.inference_mode():
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.run(*self.inputs)
+                end.record()
+                torch.cuda.synchronize(self.device)
+                return start.elapsed_time(end)
+            t0 = time.perf_counter()
+            self.run(*self.inputs)
+            return (time.perf_counter() - t0) * 1000
+
+    def peak_memory_mb(self) -> float:
+        """CUDA max allocated since the last reset on GPU; the process's peak RSS on CPU."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else _peak_rss_mb()
+
+    def latency(self, times: list[float], other_cores_busy: float) -> Latency:
+        """The Latency of this forward from its timed forwards (milliseconds)."""
+        ordered = sorted(times)
+        return Latency(
+            latency_ms_p50=statistics.median(ordered),
+            latency_ms_p90=ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
+            peak_memory_mb=self.peak_memory_mb(),
+            iters=len(times),
+            other_cores_busy=0.0 if self.cuda else round(other_cores_busy, 2),
+            **self.settings,
+        )
+
+
 def measure_latency(
     model: torch.nn.Module,
     arch: Arch,
@@ -189,80 +294,37 @@ def measure_latency(
     runtime: str | None = None,
     precision: str = "fp32",
 ) -> Latency:
-    """Forward latency in inference mode: warm-up, then `iters` timed forwards; CUDA events on GPU.
-    `runtime` (nas.deploy.runtimes.RUNTIMES key): the U-Net wrapped at `precision` and called with fp32
-    inputs as a sampler calls it; `dtype`, `channels_last` and `compile` are then the precision's."""
-    dev = torch.device(device)
-    if runtime is not None:
-        from nas.core.errors import NasError
-        from nas.deploy.runtimes import wrap_unet
-
-        if (dtype, channels_last, compile) != ("fp32", False, False):
-            raise NasError("with a runtime, give the precision instead of dtype, channels_last or compile")
-        model = wrap_unet(model, runtime, precision, device=device, tokens=tokens or arch.settings.text_len)
-    model = model.to(dev).eval()
-    if dtype != "fp32":
-        model = model.to(DTYPES[dtype])
-    inputs = example_inputs(arch, batch, tokens, device=dev, dtype=DTYPES[dtype])
-    if channels_last:
-        # nn.Module.to takes memory_format at run time (torch docs); its typed overloads omit it.
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
-    run = torch.compile(model) if compile else model
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    with torch.inference_mode(), OtherLoad() as load:
+    """Forward latency in inference mode: warm-up, then `iters` timed forwards; CUDA events on GPU
+    (`Forward` says how `runtime`, `dtype`, `channels_last` and `compile` apply)."""
+    forward = Forward(model, arch, device, batch, dtype, tokens, channels_last, compile, runtime, precision)
+    if forward.cuda:
+        torch.cuda.reset_peak_memory_stats(forward.device)
+    with OtherLoad() as load:
         for _ in range(warmup):
-            run(*inputs)
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run(*inputs)
-                end.record()
-                torch.cuda.synchronize(dev)
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                run(*inputs)
-                times.append((time.perf_counter() - t0) * 1000)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_rss_mb()
-    if not cuda:
+            forward()
+        times = [forward.time_ms() for _ in range(iters)]
+    if not forward.cuda:
         warn_if_loaded(load.cores)
-    times.sort()
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return Latency(
-        latency_ms_p50=statistics.median(times),
-        latency_ms_p90=p90,
-        peak_memory_mb=peak,
-        device=str(dev),
-        batch=batch,
-        dtype=dtype,
-        iters=iters,
-        channels_last=channels_last,
-        compiled=compile,
-        other_cores_busy=0.0 if cuda else round(load.cores, 2),
-        runtime=runtime or "eager",
-        precision=precision if runtime else None,
-    )
+    return forward.latency(times, load.cores)
+
+
+def setup_kwargs(setup: Any) -> dict[str, Any]:
+    """`Forward`'s settings as a space's `latency:` section gives them (nas.space.schema.LatencySetup).
+    Eager fp32 times the bare U-Net, as `nas inspect --latency` without --runtime does."""
+    plain = (setup.runtime, setup.precision) == ("eager", "fp32")
+    return {
+        "device": setup.device,
+        "batch": setup.batch,
+        "dtype": setup.dtype,
+        "runtime": None if plain else setup.runtime,
+        "precision": setup.precision,
+    }
 
 
 def measure_setup(model: torch.nn.Module, arch: Arch, setup: Any, **overrides: Any) -> Latency:
     """`measure_latency` as a space's `latency:` section says (nas.space.schema.LatencySetup: device,
-    batch, dtype, warm-up, iterations, runtime and precision); `overrides` replace any of them.
-    Eager fp32 times the bare U-Net, as `nas inspect --latency` without --runtime does."""
-    plain = (setup.runtime, setup.precision) == ("eager", "fp32")
-    kwargs: dict[str, Any] = {
-        "device": setup.device,
-        "batch": setup.batch,
-        "dtype": setup.dtype,
-        "warmup": setup.warmup,
-        "iters": setup.iters,
-        "runtime": None if plain else setup.runtime,
-        "precision": setup.precision,
-    }
+    batch, dtype, warm-up, iterations, runtime and precision); `overrides` replace any of them."""
+    kwargs = {**setup_kwargs(setup), "warmup": setup.warmup, "iters": setup.iters}
     return measure_latency(model, arch, **{**kwargs, **overrides})
 
 

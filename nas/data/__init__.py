@@ -3,6 +3,7 @@ Modules import torch/diffusers themselves; importing this package is cheap.
 
     shapes     procedural captioned dataset (labels kept for evaluation)
     folders    image folder + metadata.jsonl and WebDataset tar shards, resize/crop, skip-and-count
+    skips      Skip/Skips: each skipped sample named (file, line or shard member, reason)
     encoders   load_vae, load_text_encoder (TextEncoder), train_vae
     cache      precompute (resumable shards + manifest), open_cache -> LatentCache
 

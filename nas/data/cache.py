@@ -6,8 +6,10 @@ Layout of CACHE/:
     empty_text.safetensors  the encoded empty caption (classifier-free guidance)
     shards/NNNNNN.safetensors  source entries [N*shard_size, (N+1)*shard_size): posterior `mean`
                           and `logvar` (float32), caption `text` (float16 by default) and
-                          `text_mask`; records and skip counts in the header metadata
+                          `text_mask`; records and skipped items in the header metadata
     records.jsonl         one metadata row per cached item (caption + labels), in item order
+    skipped.jsonl         one row per skipped source sample (file, line, member, reason, detail):
+                          the listing's skips and every shard's, rebuilt at the end of each run
     manifest.json         written last: its presence means the cache is complete
 
 Every file is written to a temporary name and renamed into place, so a killed run leaves only whole
@@ -21,7 +23,6 @@ import hashlib
 import json
 import os
 from bisect import bisect_right
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,11 +34,13 @@ from tqdm import tqdm
 from nas.core.errors import NasError
 from nas.core.runfolder import atomic_path, write_bytes, write_json
 from nas.data.folders import Source, UnreadableImage, to_tensor
+from nas.data.skips import Skips
 
 FORMAT = "nas-latent-cache/1"
 SHARD_SIZE = 1024  # source entries per shard: ~1 MB of latents at 8x8x4, ~130 MB at SD's 64x64x4
 IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB are read into RAM on first use (~20 us/item vs ~200 mmap)
 TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SKIPPED = "skipped.jsonl"
 
 
 def _atomic_json(path: Path, data: object) -> None:
@@ -136,7 +139,7 @@ def precompute(
 
     n_shards = -(-len(source) // shard_size)
     names = [f"{k:06d}.safetensors" for k in range(n_shards)]
-    done = {k for k, name in enumerate(names) if (shards / name).is_file()}
+    done = {k for k, name in enumerate(names) if _names_its_skips(shards / name)}
     done_items = sum(min(shard_size, len(source) - k * shard_size) for k in done)
     bar = tqdm(total=len(source), initial=done_items, desc="precompute", unit="img", smoothing=0.1)
     for k in range(n_shards):
@@ -152,7 +155,15 @@ def precompute(
             _atomic_safetensors(shards / names[k], tensors, meta)
     bar.close()
     source.close()
-    return _finish(out, plan, names)
+    return _finish(out, plan, names, source.skips)
+
+
+def _names_its_skips(shard: Path) -> bool:
+    """A whole shard of this format: shards written before skips were named (counts only) are redone."""
+    if not shard.is_file():
+        return False
+    with safe_open(str(shard), framework="pt") as handle:
+        return "skips" in json.loads((handle.metadata() or {}).get("nas", "{}"))
 
 
 def check_out_folder(out: str | Path) -> None:
@@ -183,7 +194,7 @@ def _prepare_folder(out: Path, plan: dict) -> dict:
 def _encode_range(source, vae, text_encoder, start, stop, resolution, batch_size, text_dtype, bar):
     device = next(vae.parameters()).device
     means, logvars, texts, masks, indices, records = [], [], [], [], [], []
-    skipped: Counter = Counter()
+    skips: list[dict] = []  # skipped.jsonl rows of this range's unreadable images
     pending: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
@@ -203,8 +214,8 @@ def _encode_range(source, vae, text_encoder, start, stop, resolution, batch_size
     for i in range(start, stop):
         try:
             pending.append((i, to_tensor(source.load(source.entries[i], resolution))))
-        except UnreadableImage:
-            skipped["unreadable image"] += 1
+        except UnreadableImage as exc:
+            skips.append(source.entries[i].skip(exc).row())
             bar.update(1)
         if len(pending) == batch_size:
             flush()
@@ -222,29 +233,38 @@ def _encode_range(source, vae, text_encoder, start, stop, resolution, batch_size
         "text_mask": torch.cat(masks),
         "source_index": torch.tensor(indices, dtype=torch.int64),
     }
-    return tensors, {"records": records, "skipped": dict(skipped), "range": [start, stop]}
+    return tensors, {"records": records, "skips": skips, "range": [start, stop]}
 
 
-def _finish(out: Path, plan: dict, names: list[str]) -> dict:
-    """Gather shard headers into records.jsonl and manifest.json (the completion marker)."""
-    skipped = Counter(plan["source"].get("skipped_at_listing", {}))
+def _finish(out: Path, plan: dict, names: list[str], listing: Skips) -> dict:
+    """Gather shard headers into records.jsonl, skipped.jsonl and manifest.json (the completion marker).
+
+    skipped.jsonl is rebuilt from the listing and the shard headers on every run, so a resumed run
+    writes each skipped item once and the manifest's counts are always those of the file.
+    """
+    skips = Skips(listing)
     rows, shard_info = [], []
     for name in names:
         with safe_open(str(out / "shards" / name), framework="pt") as handle:
             info = json.loads(handle.metadata()["nas"])
             count = handle.get_slice("mean").get_shape()[0]
-        skipped.update(info["skipped"])
+        skips.extend(Skips.from_rows(info["skips"]))
         rows.extend(info["records"])
         shard_info.append({"file": f"shards/{name}", "count": count})
+    skips = skips.in_order()
+    write_bytes(out / SKIPPED, skips.jsonl().encode(), fsync=True)
     if not rows:
-        raise NasError(f"{plan['source']['path']}: no usable sample (skipped: {dict(skipped)})")
+        raise NasError(
+            f"{plan['source']['path']}: no usable sample ({skips.summary()}; all in {out / SKIPPED})"
+        )
     records_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     write_bytes(out / "records.jsonl", records_text.encode(), fsync=True)
     manifest = {
         **plan,
         "count": len(rows),
-        "skipped": sum(skipped.values()),
-        "skipped_reasons": dict(sorted(skipped.items())),
+        "skipped": len(skips),
+        "skipped_reasons": skips.counts(),
+        "skipped_items": SKIPPED,
         "shards": shard_info,
         "records": "records.jsonl",
         "empty_text": "empty_text.safetensors",
@@ -313,6 +333,11 @@ class LatentCache:
 
     def captions(self) -> list[str]:
         return [r["text"] for r in self.records()]
+
+    def skips(self) -> Skips:
+        """Every source sample left out, named (file, line or shard member, reason, detail)."""
+        file = self.path / self.manifest.get("skipped_items", SKIPPED)
+        return Skips.read(file) if file.is_file() else Skips()
 
     def dataset(self, sample: bool = True, generator: torch.Generator | None = None) -> LatentDataset:
         return LatentDataset(self, sample=sample, generator=generator)

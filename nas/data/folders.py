@@ -4,9 +4,11 @@ Image folder: diffusers' text-to-image layout, `DIR/metadata.jsonl` with one JSO
 `file_name` (relative to DIR) and `text`; other keys are kept as labels. Tar shards: what img2dataset
 writes for LAION subsets, members `KEY.jpg|png|webp` + `KEY.txt` (+ optional `KEY.json`).
 
-Listing reads only names and captions; images are decoded when asked for. A sample without a caption
-or with an unreadable image is skipped and counted by reason, never fatal; a source with no usable
-sample at all is an error.
+Listing reads only names and captions; images are decoded when asked for. A bad sample (no caption,
+a caption that is not a string, a duplicate file_name, a missing or corrupt image, ...) is skipped,
+never fatal, and recorded as a `Skip` naming its file and metadata.jsonl line (or shard and member)
+and the reason (nas/data/skips.py). A metadata.jsonl line that is not a JSON object, and a source with
+no usable sample at all, are errors.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import glob
 import hashlib
 import io
 import json
+import posixpath
 import re
 import tarfile
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +29,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from nas.core.errors import NasError
+from nas.data.skips import Skip, Skips, caption_problem, image_error_detail, json_type
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
 
 
 class UnreadableImage(Exception):
-    """An image file that is missing, truncated or not an image (the sample is skipped)."""
+    """An image that is missing, unreadable or corrupt (the sample is skipped).
+
+    `reason` is one of nas.data.skips.REASONS ("missing file", "unreadable file", "corrupt image").
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -41,6 +52,13 @@ class Entry:
     text: str
     record: dict  # every metadata key of the sample, labels included
     locator: tuple  # ("file", Path) or ("tar", shard Path, member name)
+    line: int | None = None  # its metadata.jsonl line (image folder)
+
+    def skip(self, exc: UnreadableImage) -> Skip:
+        """The record of this entry skipped at decoding, named as the listing names its skips."""
+        if self.locator[0] == "tar":
+            return Skip(exc.reason, Path(self.locator[1]).name, member=self.locator[2], detail=exc.detail)
+        return Skip(exc.reason, self.key, self.line, detail=exc.detail)
 
 
 @dataclass
@@ -50,7 +68,7 @@ class Source:
     path: Path
     kind: str  # "imagefolder" | "webdataset"
     entries: list[Entry]
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skips: Skips = field(default_factory=Skips)  # skipped while listing, in source order
     _tars: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -66,7 +84,7 @@ class Source:
             "kind": self.kind,
             "entries": len(self.entries),
             "listing_sha256": digest.hexdigest(),
-            "skipped_at_listing": dict(sorted(self.skipped.items())),
+            "skipped_at_listing": self.skips.counts(),
         }
 
     def read_bytes(self, entry: Entry) -> bytes:
@@ -78,10 +96,14 @@ class Source:
                 self._tars[shard] = tarfile.open(shard)  # noqa: SIM115 (kept open: members are read in order)
             handle = self._tars[shard].extractfile(member)
             if handle is None:
-                raise UnreadableImage(f"{shard}: {member}: not a file")
+                raise UnreadableImage("unreadable file", "not a regular file in the shard")
             return handle.read()
-        except (OSError, tarfile.TarError, KeyError) as exc:
-            raise UnreadableImage(str(exc)) from None
+        except FileNotFoundError:
+            raise UnreadableImage("missing file") from None
+        except KeyError:
+            raise UnreadableImage("missing file", "no such member in the shard") from None
+        except (OSError, tarfile.TarError) as exc:
+            raise UnreadableImage("unreadable file", getattr(exc, "strerror", None) or str(exc)) from None
 
     def load(self, entry: Entry, resolution: int) -> Image.Image:
         """The entry's image, RGB, resized and centre-cropped to `resolution`; UnreadableImage if not."""
@@ -98,8 +120,15 @@ def decode(data: bytes, resolution: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # truncated files fail here, not later
             return resize_center_crop(image, resolution)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,  # PIL's PNG reader raises it for broken chunks
+        EOFError,
+        Image.DecompressionBombError,
+    ) as exc:
+        raise UnreadableImage("corrupt image", image_error_detail(exc)) from None
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -174,35 +203,73 @@ def _list_folder(root: Path, caption_key: str) -> Source:
     source = Source(root, "imagefolder", [])
     seen_caption_key = False
     first_keys: list[str] = []
-    with meta.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NasError(f"{meta}: line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise NasError(f"{meta}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            first_keys = first_keys or sorted(row)
-            seen_caption_key = seen_caption_key or caption_key in row
-            name = row.get("file_name")
-            if not isinstance(name, str) or not name:
-                source.skipped["no file_name"] += 1
-                continue
-            caption = row.get(caption_key)
-            if not isinstance(caption, str) or not caption.strip():
-                source.skipped["no caption"] += 1
-                continue
-            source.entries.append(Entry(name, caption.strip(), row, ("file", root / name)))
+    kept_at: dict[str, int] = {}  # normalised file_name -> line of its kept entry
+    for lineno, row in _metadata_rows(meta):
+        first_keys = first_keys or sorted(row)
+        seen_caption_key = seen_caption_key or caption_key in row
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            what = (
+                "absent" if "file_name" not in row else "empty" if isinstance(name, str) else json_type(name)
+            )
+            source.skips.append(Skip("no file_name", None, lineno, detail=f"file_name is {what}"))
+            continue
+        problem = caption_problem(row.get(caption_key), caption_key in row)
+        if problem:
+            reason, detail = problem
+            if reason == "no caption":
+                detail = f"no '{caption_key}' key"
+            source.skips.append(Skip(reason, name, lineno, detail=detail))
+            continue
+        normal = posixpath.normpath(name)  # "./a.png" and "a.png" are one file
+        if normal in kept_at:
+            source.skips.append(Skip("duplicate", name, lineno, detail=f"also on line {kept_at[normal]}"))
+            continue
+        kept_at[normal] = lineno
+        caption = row[caption_key].strip()
+        source.entries.append(Entry(name, caption, row, ("file", root / name), lineno))
     if not seen_caption_key and first_keys:
         raise NasError(
             f"{meta}: no line has a '{caption_key}' key (line 1 has: {', '.join(first_keys)}); "
             "each line needs file_name and text"
         )
     if not source.entries:
-        raise NasError(f"{meta}: no usable sample (skipped: {_reasons(source.skipped) or 'file is empty'})")
+        detail = source.skips.summary() if source.skips else "file is empty"
+        raise NasError(f"{meta}: no usable sample ({detail})")
     return source
+
+
+def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is fatal."""
+    try:
+        with meta.open("rb") as handle:
+            for lineno, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is allowed
+                except UnicodeDecodeError as exc:
+                    raise NasError(
+                        f"{meta}: line {lineno}: not UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                        "save the file as UTF-8"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    hint = ""
+                    if exc.msg.startswith("Invalid control character"):
+                        hint = "; a tab or line break inside a string must be written as \\t or \\n"
+                    raise NasError(
+                        f"{meta}: line {lineno}: not valid JSON (json.loads of this line: {exc}){hint}"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise NasError(
+                        f"{meta}: line {lineno}: expected a JSON object with file_name and text, "
+                        f"got {json_type(row)}"
+                    )
+                yield lineno, row
+    except OSError as exc:
+        raise NasError(f"{meta}: cannot read ({exc.strerror or exc})") from None
 
 
 def _list_tars(shards: list[Path], path: Path, caption_key: str) -> Source:
@@ -217,9 +284,12 @@ def _list_tars(shards: list[Path], path: Path, caption_key: str) -> Source:
                     folder, _, base = member.name.rpartition("/")
                     stem, dot, ext = base.partition(".")  # WebDataset: key is up to the first dot
                     key = f"{folder}/{stem}" if folder else stem
-                    sample = samples.setdefault(key, {})
+                    sample = samples.setdefault(key, {"first": member.name})
                     ext = "." + ext.lower() if dot else ""
-                    if ext in IMAGE_EXTENSIONS:
+                    if ext in IMAGE_EXTENSIONS and "image" in sample:
+                        detail = f"a second image for {key}; {sample['image']} is kept"
+                        source.skips.append(Skip("duplicate", shard.name, member=member.name, detail=detail))
+                    elif ext in IMAGE_EXTENSIONS:
                         sample["image"] = member.name
                     elif ext in (".txt", ".json"):
                         handle = tar.extractfile(member)
@@ -227,7 +297,9 @@ def _list_tars(shards: list[Path], path: Path, caption_key: str) -> Source:
         except tarfile.ReadError as exc:
             if not samples:
                 raise NasError(f"{shard}: not a readable tar file ({exc})") from None
-            source.skipped["truncated shard"] += 1  # keep the samples listed before the damage
+            # Keep the samples listed before the damage.
+            detail = f"{exc}; {len(samples)} keys before the damage listed"
+            source.skips.append(Skip("truncated shard", shard.name, detail=detail))
         except OSError as exc:
             raise NasError(f"{shard}: cannot read ({exc})") from None
         for key, sample in samples.items():
@@ -240,47 +312,46 @@ def _list_tars(shards: list[Path], path: Path, caption_key: str) -> Source:
                     record = {}
             caption = sample.get(".txt", record.get(caption_key))
             if "image" not in sample:
-                source.skipped["no image"] += 1
-            elif not isinstance(caption, str) or not caption.strip():
-                source.skipped["no caption"] += 1
-            else:
-                record = {**record, "file_name": sample["image"], "text": caption.strip()}
-                entry_key = f"{shard.name}/{key}"
-                source.entries.append(
-                    Entry(entry_key, caption.strip(), record, ("tar", shard, sample["image"]))
-                )
+                source.skips.append(Skip("no image", shard.name, member=sample["first"]))
+                continue
+            problem = caption_problem(caption, ".txt" in sample or caption_key in record)
+            if problem:
+                reason, detail = problem
+                if reason == "no caption":
+                    detail = f"no {key}.txt and no '{caption_key}' in {key}.json"
+                source.skips.append(Skip(reason, shard.name, member=sample["image"], detail=detail))
+                continue
+            text = str(caption).strip()  # a non-empty string: caption_problem checked it
+            record = {**record, "file_name": sample["image"], "text": text}
+            entry_key = f"{shard.name}/{key}"
+            source.entries.append(Entry(entry_key, text, record, ("tar", shard, sample["image"])))
     if not source.entries:
-        raise NasError(
-            f"{path}: no usable sample in {len(shards)} tar shard(s) "
-            f"(skipped: {_reasons(source.skipped) or 'shards are empty'})"
-        )
+        detail = source.skips.summary() if source.skips else "shards are empty"
+        raise NasError(f"{path}: no usable sample in {len(shards)} tar shard(s) ({detail})")
     return source
-
-
-def _reasons(skipped: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
 
 
 def load_images(
     source: Source, resolution: int, limit: int | None = None
-) -> tuple[torch.Tensor, list[int], Counter]:
+) -> tuple[torch.Tensor, list[int], Skips]:
     """Decode entries into one FloatTensor[N, 3, R, R] in [-1, 1], skipping unreadable images.
 
     For small datasets (VAE and evaluator training on `shapes`); the cache streams instead.
-    Returns the tensor, the entry indices it holds, and the skip counts (listing + decoding).
+    Returns the tensor, the entry indices it holds, and the skipped samples (listing + decoding).
     """
     from tqdm import tqdm
 
-    skipped = Counter(source.skipped)
+    skips = Skips(source.skips)
     images, kept = [], []
     count = len(source) if limit is None else min(limit, len(source))
     for i in tqdm(range(count), desc="load images", unit="img", leave=False):
         try:
             images.append(to_tensor(source.load(source.entries[i], resolution)))
             kept.append(i)
-        except UnreadableImage:
-            skipped["unreadable image"] += 1
+        except UnreadableImage as exc:
+            skips.append(source.entries[i].skip(exc))
     source.close()
+    skips = skips.in_order()
     if not images:
-        raise NasError(f"{source.path}: no readable image among {count} samples")
-    return torch.stack(images), kept, skipped
+        raise NasError(f"{source.path}: no readable image among {count} samples ({skips.summary()})")
+    return torch.stack(images), kept, skips

@@ -25,6 +25,13 @@ assert typing.get_args(Runtime) == RUNTIMES, "Runtime must list RUNTIME_PRECISIO
 assert typing.get_args(Precision) == PRECISIONS, "Precision must list every precision of the table"
 
 
+# ONNX export (nas/deploy/onnx.py); here so the CLI can offer the range without importing torch.
+DEFAULT_OPSET = 17  # the first opset with LayerNormalization as one op
+# 14: the first opset with an export of scaled_dot_product_attention (the attention of every U-Net
+# block); 20: the newest the TorchScript exporter knows (torch.onnx._constants).
+MIN_OPSET, MAX_OPSET = 14, 20
+
+
 def precision_error(runtime: str, precision: str) -> str | None:
     """Why (runtime, precision) is not in the table, or None when it is."""
     if runtime not in RUNTIME_PRECISIONS:

@@ -23,13 +23,10 @@ import numpy as np
 import torch
 
 from nas.core.errors import NasError
+from nas.deploy.choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
 OUTPUT_NAMES = ("out_sample",)
-DEFAULT_OPSET = 17
-# 14: the first opset with an export of scaled_dot_product_attention (the attention of every U-Net
-# block); 20: the newest the TorchScript exporter knows (torch.onnx._constants).
-MIN_OPSET, MAX_OPSET = 14, 20
 # Largest |ORT - eager| allowed on U-Net outputs of unit scale: fp32 reassociation in fused kernels
 # measured 1e-6 on the tiny test U-Nets; 1e-4 leaves room for deep SD-size graphs.
 FP32_TOLERANCE = 1e-4

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nas.core.errors import NasError
+from nas.core.install import pip_install
 from nas.deploy.choices import RUNTIME_PRECISIONS
 from nas.deploy.onnx import export_unet, onnx_feed
 
@@ -40,7 +41,7 @@ def check_runtime(runtime: str, precision: str, device: str = "cpu") -> None:
         if importlib.util.find_spec(module) is None:
             raise NasError(
                 f"--runtime {runtime}: the {package} package is not installed "
-                "(pip install -e '.[deploy]'; allowed without it: eager, compile)"
+                f"({pip_install('-e', '.[deploy]')}; allowed without it: eager, compile)"
             )
     cls.check_device(precision, device)
 

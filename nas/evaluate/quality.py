@@ -1,22 +1,25 @@
 """`nas eval`: image quality against the number of denoising steps, on fixed prompts and seeds.
 
 The seed's argument that 30 steps match 50 is a curve: quality at each step count on the same
-prompts and starting noise. For a model trained on `shapes` the quality is measured by the shapes
-evaluator (nas/evaluate/shapes_evaluator.py):
+prompts and starting noise. Quality is measured by the evaluator given with --evaluator
+(nas/evaluate/evaluators.py opens either kind) and, where the user has the weights on disk, by CLIP
+(--clip) and Inception FID (--fid-weights); nas/evaluate/scorers.py holds one scorer per instrument:
 
-- alignment: the fraction of prompted attributes (shape, colour, size, position, background) the
-  evaluator reads in the image; `chance` is the same images scored against other prompts (each
-  image against the next image's prompt), i.e. what an image that ignores its prompt gets;
-- Frechet distance of evaluator features to real images of the same validation scenes (a domain
-  FID), with `fd_real_floor` (real images of other scenes vs the reference) as its noise floor;
+- alignment: for the shapes evaluator the fraction of prompted attributes (shape, colour, size,
+  position, background) it reads in the image, `chance` being the same images scored against other
+  prompts; for the contrastive evaluator and CLIP how often an image ranks its own prompt first among
+  K (chance 1/K);
+- Frechet distance of evaluator features to the real images of the same prompts (a domain FID), with
+  `fd_real_floor` (real images of other prompts vs the reference) as its noise floor;
 - the ceiling any U-Net on the run's VAE can reach: the real images through encode + decode
-  (`vae_alignment`, `fd_vae`); a weak VAE caps alignment well below the real images';
+  (`vae_alignment`, `fd_vae`);
 - per step count, the distance to the images of the largest step count from the same noise
   (`rmse_to_max`, pixels in [0, 1]): 0 means "the same image as with more steps".
 
-Prompts are scenes of the shapes validation split, which never share a scene with the training
-split. For other data, Inception FID (torchmetrics, with Inception weights available locally) against
-the real images of the items the trainer held out.
+Prompts: for a run trained on shapes, scenes of the validation split (never sharing a scene with the
+training split); for other data, the items the trainer held out (the cache's last val_items), with
+their real images read from the cache's source. Nothing is downloaded: without an evaluator, CLIP or
+Inception weights, a run on other data is refused in one line before any work.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def parse_steps(text: str) -> list[int]:
 class EvalSet:
     """Fixed prompts and seeds, and the real images quality is measured against."""
 
-    kind: str  # "shapes" (evaluator alignment + domain Frechet distance) or "fid" (Inception FID)
+    kind: str  # "shapes" (validation scenes, labelled) or "held_out" (the trainer's held-out items)
     prompts: list[str]
     records: list[dict]  # labels per prompt (shapes) or metadata rows
     seeds: list[int]  # starting noise of image i
@@ -103,47 +106,34 @@ def shapes_eval_set(components, n: int, seed: int) -> EvalSet:
 
 
 def held_out_eval_set(components, n: int, seed: int) -> EvalSet:
-    """The items the trainer held out (the cache's last val_items), real images from the source."""
+    """The items the trainer held out (the cache's last val_items), real images from the source; the
+    floor set is as many training items just before them (real images of other prompts)."""
     from nas.data.folders import UnreadableImage, open_source
     from nas.sample.components import read_run_config
 
     config = read_run_config(components.run)
     records = components.cache.records()
-    held = records[len(records) - min(config.val_items, len(records)) :][:n]
+    first = len(records) - min(config.val_items, len(records))
+    held = records[first:][:n]
+    other = records[max(0, first - len(held)) : first]
     source_path = components.manifest.get("source", {}).get("path")
     try:
         source = open_source(source_path)
     except NasError as exc:
-        raise NasError(f"FID needs the real images of the cache's source: {exc}") from None
-    images = []
-    for record in held:
+        raise NasError(f"nas eval needs the real images of the cache's source: {exc}") from None
+
+    def load(rows: list[dict]) -> list:
         try:
-            images.append(source.load(source.entries[int(record["source_index"])], components.resolution))
+            return [source.load(source.entries[int(r["source_index"])], components.resolution) for r in rows]
         except (UnreadableImage, IndexError, KeyError):
-            raise NasError(f"{source_path}: item {record.get('source_index')} cannot be read; "
+            raise NasError(f"{source_path}: an item of the cache cannot be read; "
                            "the source changed since the cache was made") from None  # fmt: skip
+
+    images, floor = load(held), load(other)
     source.close()
-    return EvalSet("fid", [r["text"] for r in held], held, [seed + i for i in range(len(held))],
-                   _to_unit(images), None, f"{len(held)} items held out of training")  # fmt: skip
-
-
-def _score(kind: str, images: torch.Tensor, eval_set: EvalSet, evaluator, ref_features) -> dict:
-    if kind == "fid":
-        from nas.evaluate.shapes_evaluator import inception_fid
-
-        return {"fid": inception_fid(eval_set.reference, images)}
-    from nas.evaluate.shapes_evaluator import frechet_distance
-
-    report = evaluator.report(images, eval_set.records)
-    # Each image against the next image's prompt: what an image that ignores its prompt scores.
-    chance = evaluator.report(images, eval_set.records[1:] + eval_set.records[:1])
-    return {
-        "alignment": report.pop("alignment"),
-        "alignment_by_attribute": report,
-        "chance_alignment": chance.pop("alignment"),
-        "chance_by_attribute": chance,
-        "frechet_distance": frechet_distance(evaluator.features(images), ref_features),
-    }
+    return EvalSet("held_out", [r["text"] for r in held], held, [seed + i for i in range(len(held))],
+                   _to_unit(images), _to_unit(floor) if len(floor) >= 2 else None,
+                   f"{len(held)} items held out of training")  # fmt: skip
 
 
 @torch.no_grad()
@@ -167,28 +157,25 @@ def quality_vs_steps(
     evaluator=None,
     progress: bool = True,
     grid_dir: Path | None = None,
+    scorers: list | None = None,
 ) -> dict:
-    """Generate the eval set at each step count and score it; a JSON-ready report."""
+    """Generate the eval set at each step count and score it; a JSON-ready report.
+
+    `scorers` (nas/evaluate/scorers.py) default to the one for `evaluator`."""
     from dataclasses import replace
 
     from nas.sample.generate import generate, image_grid, to_uint8
 
-    if eval_set.kind == "shapes" and evaluator is None:
-        raise NasError("a shapes run needs --evaluator (made by `nas data train-evaluator`)")
+    if scorers is None:
+        if evaluator is None:
+            raise NasError("nas eval: no evaluator (make one with `nas data train-evaluator`)")
+        scorers = [_evaluator_scorer(evaluator, components)]
     jobs = list(zip(eval_set.prompts, eval_set.seeds))
     reference: dict = {"images": len(eval_set.reference)}
-    ref_features = None
-    if eval_set.kind == "shapes":
-        from nas.evaluate.shapes_evaluator import frechet_distance
-
-        ref_features = evaluator.features(eval_set.reference)
-        reference["real_alignment"] = evaluator.alignment(eval_set.reference, eval_set.records)
-        # What any U-Net on this VAE can reach: the real images through encode + decode.
-        recon = vae_roundtrip(components.vae, eval_set.reference)
-        reference["vae_alignment"] = evaluator.alignment(recon, eval_set.records)
-        reference["fd_vae"] = frechet_distance(evaluator.features(recon), ref_features)
-        if eval_set.floor is not None and len(eval_set.floor) >= 2:
-            reference["fd_real_floor"] = frechet_distance(evaluator.features(eval_set.floor), ref_features)
+    # What any U-Net on this VAE can reach: the real images through encode + decode.
+    recon = vae_roundtrip(components.vae, eval_set.reference)
+    for scorer in scorers:
+        reference.update(scorer.reference(eval_set, recon))
     rows, images_by_steps = [], {}
     for steps in steps_list:
         start = time.perf_counter()
@@ -197,7 +184,9 @@ def quality_vs_steps(
         pixels = to_uint8(floats)  # scored as saved: 8-bit, like the real images
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
         images_by_steps[steps] = images
-        row = {"steps": steps, **_score(eval_set.kind, images, eval_set, evaluator, ref_features)}
+        row: dict[str, Any] = {"steps": steps}
+        for scorer in scorers:
+            row.update(scorer.score(images, eval_set))
         row.update(seconds=round(seconds, 2), images_per_s=round(len(jobs) / seconds, 3))
         rows.append(row)
         if grid_dir is not None:
@@ -212,8 +201,25 @@ def quality_vs_steps(
     return {"reference": reference, "results": rows}
 
 
+def _evaluator_scorer(evaluator, components, k: int | None = None):
+    from nas.evaluate import scorers
+
+    if getattr(evaluator, "kind", "shapes") == "contrastive":
+        model = scorers.ContrastiveWithText(evaluator, components.text_encoder)
+        return scorers.RetrievalScorer(model, "contrastive", k or scorers.DEFAULT_K)
+    return scorers.ShapesScorer(evaluator)
+
+
+ALIGNMENT_LABELS = {  # kind -> (y label, chance label); K is filled in from the report
+    "shapes": ("prompt alignment (share of attributes)", "chance (other prompt)"),
+    "contrastive": ("own prompt first among K={k} (contrastive evaluator)", "chance 1/K = {chance:.3f}"),
+    "clip": ("own prompt first among K={k} (CLIP)", "chance 1/K = {chance:.3f}"),
+}
+
+
 def plot_quality(report: dict, out_png: str | Path) -> None:
-    """Quality against steps: alignment (with chance and real images) and Frechet distance / FID."""
+    """Quality against steps: alignment (with chance, real images, the VAE ceiling), Frechet distance
+    and Inception FID, the panels the report has figures for."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,28 +227,36 @@ def plot_quality(report: dict, out_png: str | Path) -> None:
 
     rows, ref = report["results"], report["reference"]
     steps = [r["steps"] for r in rows]
-    if report["kind"] == "shapes":
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-        left.plot(steps, [r["alignment"] for r in rows], "o-", label="generated, own prompt")
-        left.plot(steps, [r["chance_alignment"] for r in rows], "s--", label="chance (other prompt)")
-        left.axhline(ref["real_alignment"], color="gray", ls=":", label="real images")
-        left.axhline(ref["vae_alignment"], color="tab:green", ls="-.", label="real through the VAE (ceiling)")
-        left.set_ylabel("prompt alignment (share of attributes)")
-        left.set_ylim(0, 1)
-        left.legend(fontsize=8)
-        right.plot(steps, [r["frechet_distance"] for r in rows], "o-", label="generated vs real")
-        if "fd_real_floor" in ref:
-            right.axhline(ref["fd_real_floor"], color="gray", ls=":", label="real vs real (floor)")
-        right.axhline(ref["fd_vae"], color="tab:green", ls="-.", label="VAE reconstructions vs real")
-        right.set_ylabel("Frechet distance (evaluator features)")
-        right.legend(fontsize=8)
-        axes: tuple[Any, ...] = (left, right)
-    else:
-        fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-        ax.plot(steps, [r["fid"] for r in rows], "o-")
-        ax.set_ylabel("FID (Inception)")
-        axes = (ax,)
-    for ax in axes:
+    panels = [key for key in ("alignment", "frechet_distance", "fid") if key in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.plot(
+            steps,
+            [r[key] for r in rows],
+            "o-",
+            label="generated, own prompt" if key == "alignment" else "generated vs real",
+        )
+        if key == "alignment":
+            retrieval = ref.get("retrieval", {})
+            y_label, chance_label = ALIGNMENT_LABELS.get(report["kind"], ALIGNMENT_LABELS["shapes"])
+            fill = {"k": retrieval.get("k"), "chance": retrieval.get("chance", 0.0)}
+            ax.plot(steps, [r["chance_alignment"] for r in rows], "s--", label=chance_label.format(**fill))
+            ax.axhline(ref["real_alignment"], color="gray", ls=":", label="real images")
+            ax.axhline(
+                ref["vae_alignment"], color="tab:green", ls="-.", label="real through the VAE (ceiling)"
+            )
+            ax.set_ylabel(y_label.format(**fill))
+            ax.set_ylim(0, 1)
+        elif key == "frechet_distance":
+            if "fd_real_floor" in ref:
+                ax.axhline(ref["fd_real_floor"], color="gray", ls=":", label="real vs real (floor)")
+            ax.axhline(ref["fd_vae"], color="tab:green", ls="-.", label="VAE reconstructions vs real")
+            ax.set_ylabel("Frechet distance (evaluator features)")
+        else:
+            if "fid_vae" in ref:
+                ax.axhline(ref["fid_vae"], color="tab:green", ls="-.", label="VAE reconstructions vs real")
+            ax.set_ylabel("FID (Inception)")
+        ax.legend(fontsize=8)
         ax.set_xlabel("denoising steps")
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
@@ -265,6 +279,16 @@ def _run_cache(run):
     return open_cache(config.cache)
 
 
+def _no_scorer(run, cache, shapes: bool) -> NasError:
+    if shapes:
+        return NasError(
+            f"{run}: trained on shapes; pass --evaluator DIR (made by `nas data train-evaluator`)"
+        )
+    return NasError(f"{run}: no evaluator for this data (not shapes): train one offline with "
+                    f"`nas data train-evaluator --cache {cache.path} --out EVALUATOR` and pass --evaluator "
+                    "EVALUATOR (or --clip / --fid-weights with weights on disk)")  # fmt: skip
+
+
 def evaluate_run(
     run: str | Path,
     out: str | Path,
@@ -276,8 +300,15 @@ def evaluate_run(
     weights: str = "auto",
     device: str = "cpu",
     progress: bool = True,
+    clip: str | Path | None = None,
+    fid_weights: str | Path | None = None,
+    k: int | None = None,
 ) -> dict:
-    """`nas eval`: OUT/eval.json, OUT/quality_vs_steps.png and OUT/grid_<steps>.png; returns the report."""
+    """`nas eval`: OUT/eval.json, OUT/quality_vs_steps.png and OUT/grid_<steps>.png; returns the report.
+
+    Scorers, first one primary: the evaluator, then CLIP (`clip`: a local model folder), then
+    Inception FID (`fid_weights`: a local weights file). Everything is checked before any work."""
+    from nas.evaluate import scorers as sc
     from nas.sample.components import load_run
     from nas.sample.generate import build_pipeline, check_out_folder
 
@@ -288,24 +319,49 @@ def evaluate_run(
     check_out_folder(out)
     evaluator = None
     if evaluator_path is not None:
-        from nas.evaluate.shapes_evaluator import load_evaluator
+        from nas.evaluate.evaluators import load_evaluator
 
         evaluator = load_evaluator(evaluator_path)
-    shapes = is_shapes(_run_cache(run))
-    if shapes and evaluator is None:
-        raise NasError(f"{run}: trained on shapes; pass --evaluator DIR (made by `nas data train-evaluator`)")
+    if fid_weights is not None:
+        from nas.evaluate.local_models import check_fid_available
+
+        check_fid_available(fid_weights)
+    cache = _run_cache(run)
+    shapes = is_shapes(cache)
+    if evaluator is None and clip is None and fid_weights is None:
+        raise _no_scorer(run, cache, shapes)
+    if evaluator is not None and evaluator.kind == "contrastive":
+        evaluator.check_text_encoder(cache.manifest["text_encoder"], f"{run}: cache {cache.path}")
+    elif evaluator is not None and not shapes:
+        raise NasError(f"--evaluator {evaluator_path}: a shapes evaluator reads only shapes images, and {run} "
+                       f"was not trained on shapes; train one with `nas data train-evaluator --cache {cache.path}`")  # fmt: skip
+    scorers: list = []
+    if clip is not None:
+        from nas.evaluate.local_models import LocalClip
+
+        prefix = "clip_" if evaluator is not None else ""
+        model = LocalClip(clip, device)
+        scorers.append(sc.RetrievalScorer(model, "clip", k or sc.DEFAULT_K, prefix, clip_score=True))
+    if fid_weights is not None:
+        from nas.evaluate.local_models import InceptionFid
+
+        scorers.append(sc.FidScorer(InceptionFid(fid_weights, device)))
     components = load_run(run, weights=weights, device=device)
+    if evaluator is not None:
+        scorers.insert(0, _evaluator_scorer(evaluator, components, k))
     eval_set = shapes_eval_set(components, n, seed) if shapes else held_out_eval_set(components, n, seed)
     pipe = build_pipeline(
         components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
     )
     out.mkdir(parents=True, exist_ok=True)
-    measured = quality_vs_steps(components, pipe, steps_list, eval_set, settings, evaluator, progress, out)
+    measured = quality_vs_steps(
+        components, pipe, steps_list, eval_set, settings, evaluator, progress, out, scorers
+    )
     report = {
         "run": portable(run),
         "weights": components.weights,
         "model_sha256": components.model_sha256,
-        "kind": eval_set.kind,
+        "kind": scorers[0].kind,
         "prompts": eval_set.source,
         "images": len(eval_set.prompts),
         "seed": seed,
@@ -316,6 +372,8 @@ def evaluate_run(
         "precision": settings.precision,
         "steps": steps_list,
         "evaluator": portable(evaluator_path),
+        "clip": portable(clip),
+        "fid_weights": portable(fid_weights),
         **measured,
     }
     write_json(out / EVAL_FILE, report)

@@ -2,9 +2,10 @@
 
 It reads each cell of the 3x3 grid (empty or which shape, colour, size) and the background, which
 gives (a) prompt alignment: the fraction of prompted attributes a generated image shows, and (b)
-penultimate-layer features for a Frechet distance on this domain (an FID analogue; Inception weights
-cannot be downloaded here). Training images are drawn fresh from the generator's train split, so
-validation scenes are never seen. Weights are safetensors + JSON config, never a pickle.
+penultimate-layer features for a Frechet distance on this domain (an FID analogue that needs no
+Inception weights; with weights on disk, nas/evaluate/local_models.py computes the standard FID).
+Training images are drawn fresh from the generator's train split, so validation scenes are never
+seen. Weights are safetensors + JSON config, never a pickle.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def alignment_report(predicted: list[dict], prompted: list[dict]) -> dict[str, f
 class Evaluator:
     """A trained ShapesClassifier in eval mode; images are FloatTensor[B, 3, H, W] in [0, 1]."""
 
+    kind = "shapes"
+
     def __init__(self, model: ShapesClassifier, config: EvaluatorConfig, info: dict | None = None):
         self.model = model.eval().requires_grad_(False)
         self.config = config
@@ -211,24 +214,6 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
-
-
-def inception_fid(real: torch.Tensor, fake: torch.Tensor, feature: int = 2048) -> float:
-    """Standard FID with torchmetrics for real data; needs torchmetrics and local Inception weights."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        raise NasError(
-            "Inception FID needs torchmetrics (pip install 'torchmetrics[image]'); "
-            "for shapes use the evaluator's frechet_distance"
-        ) from None
-    try:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
-    except Exception as exc:  # weights missing offline surface as assorted errors
-        raise NasError(f"Inception FID: cannot load Inception weights ({str(exc).splitlines()[0]})") from None
-    metric.update(real.float().clamp(0, 1), real=True)
-    metric.update(fake.float().clamp(0, 1), real=False)
-    return float(metric.compute())
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -316,6 +301,7 @@ def save_evaluator(evaluator: Evaluator, out: str | Path) -> None:
         "backgrounds": list(shapes.BACKGROUNDS),
     }
     doc = {
+        "kind": "shapes",  # nas/evaluate/evaluators.py opens a folder by its kind
         "config": evaluator.config.model_dump(mode="json"),
         "vocabulary": vocabulary,
         "metrics": evaluator.info,
@@ -336,6 +322,9 @@ def load_evaluator(path: str | Path) -> Evaluator:
         doc = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as exc:
         raise NasError(f"{path / CONFIG}: not valid JSON ({exc.msg})") from None
+    if doc.get("kind", "shapes") != "shapes":
+        raise NasError(f"{path / CONFIG}: a {doc.get('kind')!r} evaluator, not a shapes one "
+                       "(nas.evaluate.evaluators.load_evaluator opens every kind)")  # fmt: skip
     config = validate(EvaluatorConfig, doc.get("config"), f"{path / CONFIG}: config")
     if doc.get("vocabulary", {}).get("shapes") != list(shapes.SHAPES):
         raise NasError(f"{path / CONFIG}: trained for another shapes vocabulary; retrain the evaluator")

@@ -183,7 +183,9 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         use_linear_projection: bool = False,
         flip_sin_to_cos: bool = True,  # SD's timestep embedding convention
         freq_shift: int = 0,
-        time_cond_proj_dim: int | None = None,  # read by pipelines (LCM guidance embedding); unused here
+        # width of the guidance-scale embedding added to the timestep features (diffusers' name; LCM:
+        # 256); None: no guidance embedding. Forward takes it as `timestep_cond` ([B, this width])
+        time_cond_proj_dim: int | None = None,
         single_layer_transformers: bool = False,  # depth d = d one-layer transformers (DeciDiffusion)
         mid_block_half_resolution: bool = False,  # mid block one resolution lower (DeciDiffusion)
     ):
@@ -209,7 +211,11 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         temb_channels = c0 * 4  # SD: time embedding width = 4 x first level channels
         self.conv_in = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(c0, flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(c0, temb_channels, act_fn="silu")
+        # cond_proj (a bias-free Linear, time_cond_proj_dim -> c0) adds `timestep_cond` to the
+        # sinusoidal timestep features, as in the stock class
+        self.time_embedding = TimestepEmbedding(
+            c0, temb_channels, act_fn="silu", cond_proj_dim=time_cond_proj_dim
+        )
         common: dict[str, Any] = dict(
             temb_channels=temb_channels,
             cross_attention_dim=cross_attention_dim,
@@ -271,14 +277,23 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(c0, out_channels, kernel_size=3, padding=1)
 
-    def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+    def _time_embedding(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             dtype = torch.float32 if isinstance(timestep, float) else torch.int64
             timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
         elif timestep.ndim == 0:
             timestep = timestep[None].to(sample.device)
         timestep = timestep.expand(sample.shape[0])
-        return self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype))
+        if timestep_cond is not None and self.time_embedding.cond_proj is None:
+            raise ValueError(
+                "timestep_cond given, but this U-Net has no time_cond_proj_dim (guidance embedding)"
+            )
+        return self.time_embedding(self.time_proj(timestep).to(dtype=sample.dtype), timestep_cond)
 
     def forward(
         self,
@@ -297,7 +312,9 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple:
         """Same signature as `UNet2DConditionModel.forward`; class labels, extra embeddings and
-        T2I-adapter residuals are not supported (ControlNet residuals are)."""
+        T2I-adapter residuals are not supported (ControlNet residuals are). `timestep_cond` (with
+        `time_cond_proj_dim`): an embedding added to the timestep features, e.g. LCM's guidance-scale
+        embedding, so a guidance-distilled U-Net needs one call per step."""
         if class_labels is not None or added_cond_kwargs or down_intrablock_additional_residuals is not None:
             raise ValueError(
                 "FlexUNet2DConditionModel supports no class labels, added embeddings or adapters"
@@ -313,7 +330,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
             bias = (1 - encoder_attention_mask.to(sample.dtype)) * -10000.0
             attention_kwargs["encoder_attention_mask"] = bias.unsqueeze(1)
 
-        emb = self._time_embedding(sample, timestep)
+        emb = self._time_embedding(sample, timestep, timestep_cond)
         hidden = self.conv_in(sample)
         skips = [hidden]
         for block in self.down_blocks:

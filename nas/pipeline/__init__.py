@@ -1,6 +1,7 @@
 """`nas run`: experiment files -> stages -> results/<experiment>/.
 
-plan.py         the experiment schema and its stages (each one `nas` command), fingerprints
+experiment.py   the experiment file's schema (every key: docs/pipeline.md), which stages may be skipped
+plan.py         the stages of an experiment (each one `nas` command), fingerprints
 check.py        every file and setting of the plan checked before the first stage runs
 runner.py       runs, skips and resumes stages; copies the small results
 variants.py     the variants stage: runs beside the searched one (baselines, ablations)
@@ -8,7 +9,8 @@ comparison.py   the variants' measured comparison (comparison.{json,md,png})
 command.py      the `nas run` command itself (above nas/commands/, since it drives them)
 """
 
-from nas.pipeline.plan import STAGES, Experiment, plan
+from nas.pipeline.experiment import STAGES, Experiment
+from nas.pipeline.plan import plan
 from nas.pipeline.runner import load_experiment, run_experiment
 
 __all__ = ["STAGES", "Experiment", "load_experiment", "plan", "run_experiment"]

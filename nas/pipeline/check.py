@@ -73,6 +73,9 @@ def _train_config(value: str, settings: CommandSettings) -> None:
     load_config(value, settings.overrides, max_steps=settings.max_steps)  # type: ignore[attr-defined]
 
 
+EVALUATOR_FILE = "evaluator.json"  # what `nas data train-evaluator` writes beside its weights
+LOCAL_WEIGHTS = ("fid_weights", "clip")  # `nas eval` settings naming local weights (if it has them)
+
 # input kind (nas.core.settings.arg(input=...)) -> checker(value, settings); NasError if unusable
 CHECKS: dict[str, Callable[[str, CommandSettings], None]] = {
     "file": _file,
@@ -84,6 +87,21 @@ CHECKS: dict[str, Callable[[str, CommandSettings], None]] = {
     "arch": _arch,
     "train_config": _train_config,
 }
+
+
+def check_evaluation(settings: CommandSettings, produced: Path, where: Callable[[str], str]) -> None:
+    """What a `nas eval` of the plan measures with is at hand before stage 1: an evaluator folder
+    (made before, with its evaluator.json, or written by an earlier stage under `produced`), or local
+    CLIP / Inception weights (their paths are checked as inputs); never a download hours into the run."""
+    evaluator = getattr(settings, "evaluator", None)
+    if evaluator:
+        path = Path(evaluator)
+        if not path.resolve().is_relative_to(produced.resolve()) and not (path / EVALUATOR_FILE).is_file():
+            raise NasError(f"{where('evaluator')}: {evaluator}: no {EVALUATOR_FILE} (not a folder written by "
+                           "`nas data train-evaluator --out DIR`)")  # fmt: skip
+    elif not any(getattr(settings, name, None) for name in LOCAL_WEIGHTS):
+        raise NasError(f"{where('evaluator')}: not set, and nothing else to measure quality with offline "
+                       "(a `nas data train-evaluator` folder, or local weights: --clip, --fid-weights)")  # fmt: skip
 
 
 def check_inputs(settings: CommandSettings, produced: Path, where: Callable[[str], str]) -> None:

@@ -1,12 +1,13 @@
-"""Run an experiment end to end: data -> VAE -> precompute -> (teacher) -> search -> export -> train ->
-sample -> evaluate -> report, each stage in RESULTS/<experiment>/<stage>/. A rerun skips stages
-whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes from there. The
-whole plan (every stage's settings, every file it reads) is checked before the first stage runs."""
+"""Run an experiment end to end: data -> VAE -> precompute -> (evaluator) -> (teacher) -> search -> export
+-> train -> sample -> evaluate -> (variants) -> report, each stage in RESULTS/<experiment>/<stage>/. A
+rerun skips stages whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes
+from there; `skip: true` leaves out a stage after train. The whole plan (every stage's settings,
+every file it reads) is checked before the first stage runs."""
 
 from __future__ import annotations
 
 from nas.core.settings import CommandSettings, arg
-from nas.pipeline.plan import StageName
+from nas.pipeline.experiment import StageName
 
 
 class Settings(CommandSettings):

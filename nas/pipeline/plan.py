@@ -10,6 +10,11 @@ the resolved settings, the content of the files it reads (space, train config, p
 fingerprints of the stages it depends on: a rerun skips a stage whose fingerprint is unchanged and
 finished, redoes one whose inputs changed (and everything after it), and resumes one that was
 interrupted (precompute, search and train continue from what they saved; the others start over).
+
+Quality is measured offline with an evaluator: for `shapes` the data stage trains its classifier;
+for a folder (`data.path`) the `evaluator` stage trains one on the latent cache after precompute
+(`nas data train-evaluator --cache`); `evaluate.evaluator` names one made before instead. A stage
+after `train` with `skip: true` is shown by --dry-run, not run, and no stage that runs may need it.
 """
 
 from __future__ import annotations
@@ -17,139 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from nas.commands.search import Backend
-from nas.core import limits as L
-from nas.core.config import Strict, read_yaml
+from nas.core.config import read_yaml
 from nas.core.errors import NasError
 from nas.core.settings import CommandSettings, build, to_argv
-from nas.pipeline.check import check_inputs
-from nas.pipeline.variants import SEARCHED, VariantsStage, plan_variants
-from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
+from nas.pipeline.check import check_evaluation, check_inputs
+from nas.pipeline.experiment import NOT_HASHED, STAGES, Experiment
+from nas.pipeline.variants import SEARCHED, plan_variants
 
-StageName = Literal[
-    "data",
-    "vae",
-    "precompute",
-    "teacher",
-    "search",
-    "export",
-    "train",
-    "sample",
-    "evaluate",
-    "variants",
-    "report",
-]
-STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
 RESUMABLE = {"precompute", "teacher", "search", "train", "variants"}  # rerun the same command to continue
-
-
-class ShapesData(Strict):
-    # Upper bounds: nas/core/limits.py
-    n: int = Field(2000, ge=10, le=L.MAX_DATA_ITEMS)  # images (train + validation)
-    size: int = Field(32, ge=8, le=L.MAX_IMAGE_SIZE)  # pixels, square
-    seed: int = Field(0, ge=0, le=L.MAX_SEED)
-
-
-class DataStage(Strict):
-    shapes: ShapesData | None = None  # the embedded dataset (and its evaluator) ...
-    path: str | None = None  # ... or an image folder with metadata.jsonl / tar shards
-    evaluator: dict[str, Any] = {}  # extra `nas data train-evaluator` settings, e.g. {steps: 1500}
-
-    @model_validator(mode="after")
-    def _one(self) -> DataStage:
-        if (self.shapes is None) == (self.path is None):
-            raise ValueError("give exactly one of shapes or path")
-        return self
-
-
-class VaeStage(Strict):
-    path: str | None = None  # a diffusers AutoencoderKL folder; null: train one (`nas vae train`)
-    args: dict[str, Any] = {}  # extra `nas vae train` settings, e.g. {steps: 1500}
-
-
-class PrecomputeStage(Strict):
-    text_encoder: str = "minilm"  # bundled MiniLM, or a transformers folder
-    args: dict[str, Any] = {}  # extra `nas precompute` settings, e.g. {batch: 32}
-
-
-class TeacherTrain(Strict):
-    """Train the teacher first, as `nas train` would (paths relative to the experiment file)."""
-
-    arch: str  # architecture YAML of the teacher, e.g. ../search_spaces/archs/quickstart_baseline.yaml
-    config: str = "tiny"  # preset name or train config YAML
-    max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)
-    set: list[str] = []  # `--set` overrides
-
-
-class TeacherStage(Strict):
-    """The U-Net the search's proxy runs (and, with `train.distill`, the final training) inherit
-    from and distil from: a trained folder (`path`) or one trained by this stage (`train`)."""
-
-    path: str | None = None  # a `nas train` run, a diffusers U-Net or a pipeline folder
-    train: TeacherTrain | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> TeacherStage:
-        if (self.path is None) == (self.train is None):
-            raise ValueError("give exactly one of path or train")
-        return self
-
-
-class SearchStage(Strict):
-    space: str  # search-space YAML, relative to the experiment file
-    trials: int = Field(30, ge=1, le=MAX_TRIALS)  # as `nas search` (see nas/search/settings.py)
-    sampler: SamplerName = "gp"  # as `nas search` (see nas/search/settings.py)
-    backend: Backend = "optuna"
-    workers: int = Field(1, ge=1, le=MAX_WORKERS)
-    seed: int = Field(0, ge=0, le=L.MAX_SEED)
-
-
-class ExportStage(Strict):
-    pick: str = "knee"  # best | knee | "latency_ms<=12"
-
-
-class TrainStage(Strict):
-    config: str = "tiny"  # preset name or train config YAML (relative to the experiment file)
-    max_steps: int | None = Field(None, ge=1, le=L.MAX_STEPS)
-    set: list[str] = []  # `--set` overrides, e.g. ["lr=2e-3"]
-    # distil from the experiment's teacher: `distill:` weights of a training config without
-    # `teacher` (nas run sets it), e.g. {output: 1.0, feature: 1.0}; null: no distillation
-    distill: dict[str, Any] | None = None
-
-
-class SampleStage(Strict):
-    prompts: list[str] = []  # default: captions held out of training
-    steps: int = Field(30, ge=1, le=L.MAX_SAMPLE_STEPS)
-    guidance: float = Field(4.0, ge=1, le=L.MAX_GUIDANCE)  # classifier-free guidance scale; 1 = none
-    n: int = Field(1, ge=1, le=L.MAX_IMAGES)  # images per prompt
-    seed: int = Field(0, ge=0, le=L.MAX_SEED)
-
-
-class EvaluateStage(Strict):
-    steps: list[Annotated[int, Field(ge=1, le=L.MAX_SAMPLE_STEPS)]] = Field([10, 20, 30, 50], max_length=100)
-    n: int = Field(100, ge=2, le=L.MAX_IMAGES)  # images per step count
-
-
-class Experiment(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # folder RESULTS/<name>/ and the study's name
-    description: str = ""
-    data: DataStage
-    vae: VaeStage = VaeStage()
-    precompute: PrecomputeStage = PrecomputeStage()
-    teacher: TeacherStage | None = None  # null: the search's proxy runs without a teacher
-    search: SearchStage
-    export: ExportStage = ExportStage()
-    train: TrainStage = TrainStage()
-    sample: SampleStage = SampleStage()
-    evaluate: EvaluateStage = EvaluateStage()
-    variants: VariantsStage | None = None  # more runs beside the main one, and their comparison
 
 
 @dataclass
@@ -160,6 +44,7 @@ class Stage:
     depends: list[str] = field(default_factory=list)
     fingerprint: str = ""
     jobs: dict[str, list[CommandSettings]] = field(default_factory=dict)  # variants: per variant
+    skip: str = ""  # why the stage is left out ('evaluate: {skip: true}'); '' = it runs
 
 
 class _Builder:
@@ -211,21 +96,25 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     root = results / exp.name
     folder = {name: root / name for name in STAGES}
     stages: list[Stage] = []
+    _check_skips(exp, exp_path)
+    given = exp.evaluate.evaluator and _path(base, exp.evaluate.evaluator)  # an evaluator made before
     if exp.data.shapes is not None:
         shapes_dir = folder["data"] / "shapes"
         s = exp.data.shapes
-        evaluator = folder["data"] / "evaluator"
-        stages.append(Stage("data", [
-            make(data.ShapesSettings, {"out": str(shapes_dir), "n": s.n, "size": s.size, "seed": s.seed}, "data.shapes"),
-            make(data.EvaluatorSettings, {"out": str(evaluator), "data": str(shapes_dir), "size": s.size}, "data",
-                 user=exp.data.evaluator, user_where="data.evaluator"),
-        ]))  # fmt: skip
+        evaluator: str | None = str(folder["data"] / "evaluator")
+        commands = [make(data.ShapesSettings, {"out": str(shapes_dir), "n": s.n, "size": s.size, "seed": s.seed},
+                         "data.shapes")]  # fmt: skip
+        if not given:  # its default size left unsaid, as before --size had one (the fingerprints stay)
+            size = None if s.size == _shapes_evaluator_size() else s.size
+            commands.append(make(data.EvaluatorSettings, {"out": evaluator, "data": str(shapes_dir), "size": size},
+                                 "data", user=exp.data.evaluator, user_where="data.evaluator"))  # fmt: skip
+        stages.append(Stage("data", commands))
         train_data = shapes_dir / "train"
     else:
         assert exp.data.path is not None  # DataStage's validator: exactly one of shapes and path
         train_data = Path(_path(base, exp.data.path))
         stages.append(Stage("data", [], inputs=[train_data]))
-        evaluator = None
+        evaluator = None  # trained on the cache, after precompute
     if exp.vae.path is None:
         vae_dir = folder["vae"] / "model"
         cmd = make(vae.TrainSettings, {"data": str(train_data), "out": str(vae_dir)}, "vae",
@@ -239,6 +128,16 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
                "text_encoder": _relative(base, exp.precompute.text_encoder)}, "precompute",
                keys={"data": "data.path", "vae": "vae.path"}, user=exp.precompute.args, user_where="precompute.args")  # fmt: skip
     stages.append(Stage("precompute", [cmd], depends=["data", "vae"]))
+    if exp.data.path is not None and not given:  # the evaluator of any captioned data: on the cache
+        evaluates = not exp.skipped("evaluate") or (exp.variants is not None and not exp.skipped("variants"))
+        evaluator = str(folder["evaluator"] / "evaluator")
+        values: dict[str, Any] = {"out": evaluator, "cache": str(cache)}
+        if "val_items" not in exp.data.evaluator:  # hold out what training holds out: the prompts evaluated
+            values["val_items"] = _held_out(exp, base)
+        cmd = make(data.EvaluatorSettings, {k: v for k, v in values.items() if v is not None}, "data.evaluator",
+                   user=exp.data.evaluator, user_where="data.evaluator")  # fmt: skip
+        skip = "" if evaluates else _skip(exp, "evaluate")  # nothing would read it
+        stages.append(Stage("evaluator", [cmd], depends=["precompute"], skip=skip))
     space = Path(_path(base, exp.search.space))
     teacher = _teacher_stage(exp, exp_path, folder["teacher"], cache, space, make, stages)
     se = exp.search
@@ -264,29 +163,82 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     cmd = make(sample.Settings, {"run": str(run), "out": str(folder["sample"] / "images"), "steps": sp.steps,
                "guidance": sp.guidance, "n": sp.n, "seed": sp.seed, "prompt": sp.prompts or None}, "sample",
                keys={"prompt": "sample.prompts"})  # fmt: skip
-    stages.append(Stage("sample", [cmd], depends=["train"]))
+    stages.append(Stage("sample", [cmd], depends=["train"], skip=_skip(exp, "sample")))
+    evaluator = given or evaluator
+    made_by = (
+        [] if given else ["data" if exp.data.shapes is not None else "evaluator"]
+    )  # the stage training it
     cmd = make(eval.Settings, {"run": str(run), "steps": exp.evaluate.steps, "n": exp.evaluate.n,
-               "out": str(folder["evaluate"] / "eval"), "evaluator": evaluator and str(evaluator)}, "evaluate")  # fmt: skip
-    stages.append(Stage("evaluate", [cmd], depends=["train", "data"]))
+               "out": str(folder["evaluate"] / "eval"), "evaluator": evaluator}, "evaluate",
+               user=exp.evaluate.args, user_where="evaluate.args")  # fmt: skip
+    stages.append(Stage("evaluate", [cmd], inputs=[Path(given)] if given else [], depends=["train", *made_by],
+                        skip=_skip(exp, "evaluate")))  # fmt: skip
     if exp.variants is not None:
         resolve = {"arch": lambda v: _path(base, v), "config": lambda v: _relative(base, v)}
-        jobs = plan_variants(exp.variants, exp, resolve, root, cache, evaluator, make)
+        jobs = plan_variants(
+            exp.variants, exp, resolve, root, cache, Path(evaluator) if evaluator else None, make
+        )
         files = [Path(_relative(base, p)) for v in exp.variants.runs for p in (v.arch, v.config)
                  if p and p != SEARCHED and Path(_relative(base, p)).is_file()]  # fmt: skip
-        stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files,
-                            depends=["precompute", "export", "train", "evaluate"], jobs=jobs))  # fmt: skip
+        stages.append(Stage("variants", [c for cmds in jobs.values() for c in cmds], inputs=files + (
+            [Path(given)] if given else []), depends=["precompute", "export", "train", "evaluate"],
+            jobs=jobs, skip=_skip(exp, "variants")))  # fmt: skip
     cmd = make(report.Settings, {"study": exp.name, "results": str(folder["search"]), "out": str(folder["report"])},
                "report")  # fmt: skip
-    stages.append(Stage("report", [cmd], depends=["search", "export", "train", "sample", "evaluate"]))
+    stages.append(Stage("report", [cmd], depends=["search", "export", "train", "sample", "evaluate"],
+                        skip=_skip(exp, "report")))  # fmt: skip
+    planned = {stage.name for stage in stages if not stage.skip}
+    for stage in stages:  # a skipped stage is no one's input (_check_skips: none is needed)
+        stage.depends = [d for d in stage.depends if d in planned]
     for stage in stages:  # every file a stage reads must be usable now, not hours later
-        for settings in stage.commands:
+        for settings in [] if stage.skip else stage.commands:
             keys: dict[str, str] = make.keys[id(settings)]
 
             def where(field: str, keys: dict[str, str] = keys) -> str:
                 return f"{exp_path}: {keys[field]}"
 
             check_inputs(settings, root, where)
+            if isinstance(settings, eval.Settings):
+                check_evaluation(settings, root, where)
+            if isinstance(
+                settings, data.EvaluatorSettings
+            ):  # its flags' combination, e.g. --size with --cache
+                try:
+                    data.dry_run(settings)
+                except NasError as exc:
+                    raise NasError(f"{exp_path}: data.evaluator: {exc}") from None
     return stages
+
+
+def _shapes_evaluator_size() -> int:
+    from nas.evaluate.shapes_evaluator import EvaluatorConfig
+
+    return int(EvaluatorConfig.model_fields["resolution"].default)
+
+
+def _held_out(exp: Experiment, base: Path) -> int | None:
+    """The train stage's `val_items`: the cache's last items, never trained on, whose captions the
+    evaluate stage prompts with (None if the config does not load: its own check reports it)."""
+    from nas.train.config import load_config
+
+    try:
+        config = load_config(_relative(base, exp.train.config), exp.train.set, max_steps=exp.train.max_steps)
+    except NasError:
+        return None
+    return int(config.val_items)
+
+
+def _skip(exp: Experiment, name: str) -> str:
+    """Why a stage is left out ('' if it runs), as the experiment file says it."""
+    return f"{name}: {{skip: true}}" if exp.skipped(name) else ""
+
+
+def _check_skips(exp: Experiment, exp_path: Path) -> None:
+    """A skipped stage may not be one that a running stage reads: the variants' comparison reads
+    the main run's evaluation (the sample grid and the search report nothing reads)."""
+    if exp.variants is not None and not exp.skipped("variants") and exp.skipped("evaluate"):
+        raise NasError(f"{exp_path}: evaluate.skip: the variants stage compares against the main run's "
+                       "evaluation; skip variants too (variants: {skip: true}) or run evaluate")  # fmt: skip
 
 
 def _teacher_stage(exp: Experiment, exp_path: Path, folder: Path, cache: Path, space: Path, make: _Builder,
@@ -363,17 +315,26 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hashed_section(exp: Experiment, name: str) -> Any:
+    """The part of the experiment file a stage's fingerprint hashes: its section less NOT_HASHED
+    (and, for a folder dataset, less `data.evaluator`, the evaluator stage's); none if empty."""
+    section = getattr(exp, name, None)
+    if section is None:
+        return None
+    exclude = set(NOT_HASHED.get(name, ()))
+    if name == "data" and exp.data.path is not None:
+        exclude.add("evaluator")
+    return section.model_dump(mode="json", exclude=exclude) or None
+
+
 def fingerprint(stages: list[Stage], exp: Experiment) -> None:
     done: dict[str, str] = {}
     for stage in stages:
+        if stage.skip:
+            continue
         commands = [to_argv(s) for s in stage.commands]  # the resolved settings, defaults left out
         h = hashlib.sha256(json.dumps([stage.name, commands], sort_keys=True).encode())
-        h.update(
-            json.dumps(
-                getattr(exp, stage.name).model_dump(mode="json") if hasattr(exp, stage.name) else None,
-                sort_keys=True,
-            ).encode()
-        )
+        h.update(json.dumps(_hashed_section(exp, stage.name), sort_keys=True).encode())
         for path in stage.inputs:
             h.update(_digest(path).encode())
         for dep in stage.depends:

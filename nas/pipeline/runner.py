@@ -34,7 +34,8 @@ from nas.core.runfolder import (
     write_json,
 )
 from nas.core.settings import execute, to_argv
-from nas.pipeline.plan import RESUMABLE, STAGES, Experiment, Stage, fingerprint, plan
+from nas.pipeline.experiment import STAGES, Experiment
+from nas.pipeline.plan import RESUMABLE, Stage, fingerprint, plan
 
 EXPERIMENT = "experiment.yaml"  # results/<experiment>/: the resolved experiment
 RUN = "run.json"  # results/<experiment>/: environment, seeds, stage fingerprints and commands
@@ -127,9 +128,12 @@ def run_experiment(
         st = status(stage, root / stage.name)
         if STAGES.index(stage.name) >= redo_from:
             st = "redo"
-        statuses[stage.name] = st
+        statuses[stage.name] = "skip" if stage.skip else st
     if dry_run:
         for stage in stages:
+            if stage.skip:
+                print(f"{stage.name:10s} {'skip':7s} {'-':16s}  not run ({stage.skip})")
+                continue
             print(f"{stage.name:10s} {statuses[stage.name]:7s} {stage.fingerprint}  {root / stage.name}")
             for settings in stage.commands:
                 print(f"{'':10s} {shlex.join(['nas', *to_argv(settings)])}")
@@ -141,6 +145,9 @@ def run_experiment(
         folder = root / stage.name
         st = statuses[stage.name]
         prefix = f"[{i}/{len(stages)}] {stage.name}"
+        if st == "skip":
+            _leave_out(stage, root, prefix)
+            continue
         if st == "done":
             timings[stage.name] = read_state(folder).get("seconds", 0.0)
             print(
@@ -170,21 +177,31 @@ def run_experiment(
         _write_state(folder, stage, True, seconds, previous)
         timings[stage.name] = previous + seconds
         print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-    summary = write_summary(exp, root, timings, time.perf_counter() - started, exp_path)
+    skipped = {stage.name for stage in stages if stage.skip}
+    summary = write_summary(exp, root, timings, time.perf_counter() - started, exp_path, skipped)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"summary: {root / 'summary.json'}")
     return summary
 
 
+def _leave_out(stage: Stage, root: Path, prefix: str) -> None:
+    """A skipped stage: its folder from an earlier run stays (unskipped with the same inputs, it is
+    done), but its copies in results/<experiment>/ go: the summary reports only this plan's figures."""
+    for name, (source, _) in KEEP.items():
+        if source == stage.name:
+            (root / name).unlink(missing_ok=True)
+    print(f"{prefix}: not run ({stage.skip})", flush=True)
+
+
 def seeds(exp: Experiment, root: Path) -> dict[str, int | None]:
     """The seed of every stage that draws random numbers, as the stages recorded them where they did."""
     train_env = read_json(root / "train" / "run" / "env.json", {})
-    report = read_json(root / "evaluate" / "eval" / "eval.json", {})
+    report = {} if exp.skipped("evaluate") else read_json(root / "evaluate" / "eval" / "eval.json", {})
     return {
         "data": exp.data.shapes.seed if exp.data.shapes else None,  # the shapes generator's
         "search": exp.search.seed,  # the sampler's (worker k uses seed + k)
         "train": train_env.get("seed"),  # the training config's: init, data order, noise
-        "sample": exp.sample.seed,
+        "sample": None if exp.skipped("sample") else exp.sample.seed,
         "evaluate": report.get("seed"),  # prompts and starting noise of the quality figures
     }
 
@@ -195,7 +212,10 @@ def write_summary(
     timings: dict[str, float],
     session_seconds: float,
     exp_path: Path | None = None,
+    skipped: set[str] | frozenset[str] = frozenset(),
 ) -> dict:
+    """summary.json, run.json and the copies of the small results; a skipped stage's folder (left
+    from an earlier run) is not read."""
     card = read_json(root / "export" / "card.json")
     summary: dict[str, Any] = {
         "experiment": exp.name,
@@ -208,26 +228,27 @@ def write_summary(
         "session_seconds": round(session_seconds, 1),  # this invocation (skipped stages cost ~0)
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    report = read_json(root / "evaluate" / "eval" / "eval.json")
+    report = None if "evaluate" in skipped else read_json(root / "evaluate" / "eval" / "eval.json")
     if report is not None:
         for row in report["results"]:
             steps = row["steps"]
             if "alignment" in row:
                 summary[f"alignment_accuracy_{steps}_steps"] = row["alignment"]
-                summary[f"chance_alignment_{steps}_steps"] = row["chance_alignment"]
+                if "chance_alignment" in row:
+                    summary[f"chance_alignment_{steps}_steps"] = row["chance_alignment"]
                 summary[f"domain_fid_{steps}_steps"] = row["frechet_distance"]
             if "fid" in row:
                 summary[f"fid_{steps}_steps"] = row["fid"]
         summary["real_image_alignment"] = report.get("reference", {}).get("real_alignment")
-    comparison = read_json(root / "variants" / "comparison.json")
+    comparison = None if "variants" in skipped else read_json(root / "variants" / "comparison.json")
     if comparison is not None:
         summary.update(comparison.get("compare", {}))
-    keep_results(root)
+    keep_results(root, skipped)
     folder = RunFolder(root)
     folder.write_yaml(EXPERIMENT, exp)
     stages = {}
     for name in STAGES:  # in order; the folders moved aside (<stage>.superseded-*) hold earlier runs
-        state = read_state(root / name)
+        state = {} if name in skipped else read_state(root / name)
         if state:
             commands = [shlex.join(relative_paths(shlex.split(c), root)) for c in state["commands"]]
             stages[name] = {"fingerprint": state["fingerprint"], "commands": commands}
@@ -243,12 +264,12 @@ def write_summary(
     return summary
 
 
-def keep_results(root: Path) -> None:
+def keep_results(root: Path, skipped: set[str] | frozenset[str] = frozenset()) -> None:
     """Copy the small results (KEEP) from the stage folders to results/<experiment>/; JSON files with
     their absolute paths made relative (to results/<experiment>/, else to the repository root)."""
     for name, (stage, file) in KEEP.items():
         source = root / stage / file
-        if not source.is_file():
+        if stage in skipped or not source.is_file():
             continue
         if source.suffix == ".json":
             write_json(root / name, relative_paths(read_json(source), root))

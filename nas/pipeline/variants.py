@@ -78,6 +78,7 @@ class Compare(Strict):
 
 
 class VariantsStage(Strict):
+    skip: bool = False  # true: keep the section but run none of it (no comparison)
     workers: int = Field(1, ge=1, le=L.MAX_WORKERS)  # variants trained / evaluated at once
     runs: list[Variant] = Field(min_length=1)
     compare: Compare | None = None
@@ -150,7 +151,8 @@ def plan_variants(stage: VariantsStage, exp, resolve, root: Path, cache: Path, e
                   "quiet": True, "evaluator": evaluator and str(evaluator)}  # fmt: skip
         if e.spacing:
             values["spacing"] = e.spacing
-        cmds.append(make(eval.Settings, values, f"{where}.eval"))
+        cmds.append(make(eval.Settings, values, f"{where}.eval", keys={"evaluator": "evaluate.evaluator"},
+                         user=exp.evaluate.args, user_where="evaluate.args"))  # fmt: skip
         jobs[v.name] = cmds
     return jobs
 

@@ -22,6 +22,7 @@ import torch
 
 from nas.core import limits as L
 from nas.core.errors import NasError
+from nas.core.grid import GRID_PAD, MIN_CELL, labelled_grid
 from nas.core.runfolder import portable, write_json
 from nas.sample.components import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
 
@@ -168,24 +169,37 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-GRID_PAD = 2  # px of white border around and between grid cells
-
-
-def image_grid(images: np.ndarray, columns: int, pad: int = GRID_PAD, min_cell: int = 96) -> np.ndarray:
+def image_grid(images: np.ndarray, columns: int, pad: int = GRID_PAD, min_cell: int = MIN_CELL) -> np.ndarray:
     """uint8 [N, H, W, 3] tiled row by row, `columns` wide, with a white border; images smaller than
     `min_cell` pixels are enlarged by a whole factor (nearest neighbour: no invented detail), so a
-    grid of 32 px samples is readable. The single PNGs keep the model's resolution."""
-    scale = max(1, math.ceil(min_cell / max(images.shape[1], 1)))
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    count, h, w, _ = images.shape
-    rows = math.ceil(count / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = image
-    return grid
+    grid of 32 px samples is readable. The single PNGs keep the model's resolution. No labels: see
+    `sample_grid` (nas/core/grid.py draws both)."""
+    return labelled_grid(images, columns, pad=pad, min_cell=min_cell)[0]
+
+
+def _shared(values: list) -> object | None:
+    """The one value all entries share, else None."""
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def sample_grid(
+    pixels: np.ndarray, jobs: list[tuple[str, int]], settings: SampleSettings, columns: int, weights: str = ""
+) -> np.ndarray:
+    """The grid of `nas sample` with its labels in added margins: each row's prompt on the left
+    (wrapped, cut with "..." to the row height), each column's seed on top, and a title with the
+    steps, guidance, scheduler, spacing and weights. The cells are the single PNGs, enlarged by a
+    whole factor (nearest neighbour) as in `image_grid`."""
+    rows = [jobs[r : r + columns] for r in range(0, len(jobs), columns)]
+    row_labels = [" / ".join(dict.fromkeys(prompt for prompt, _ in row)) for row in rows]
+    seeds = [_shared([row[c][1] for row in rows if c < len(row)]) for c in range(columns)]
+    column_labels = [f"seed {seed}" if seed is not None else "" for seed in seeds]
+    title = (
+        f"{settings.steps} steps, guidance {settings.guidance:g}, {settings.scheduler} ({settings.spacing})"
+    )
+    title += f", {weights} weights" if weights else ""
+    if (settings.runtime, settings.precision) != ("eager", "fp32"):
+        title += f", {settings.runtime} {settings.precision}"
+    return labelled_grid(pixels, columns, row_labels=row_labels, column_labels=column_labels, title=title)[0]
 
 
 def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleSettings, file: str) -> dict:
@@ -224,7 +238,8 @@ def write_samples(
     out: str | Path,
     columns: int,
 ) -> list[Path]:
-    """OUT/NNNN.png + OUT/NNNN.json per image and OUT/grid.png (one row per prompt); the PNG paths."""
+    """OUT/NNNN.png + OUT/NNNN.json per image and OUT/grid.png (one row per prompt, labelled with
+    its prompt, each column with its seed, the title with the settings); the PNG paths."""
     from PIL import Image
 
     out = Path(out)
@@ -237,7 +252,8 @@ def write_samples(
         meta = sidecar(components, prompt, seed, settings, path.name)
         write_json(path.with_suffix(".json"), meta)
         paths.append(path)
-    Image.fromarray(image_grid(pixels, columns)).save(out / "grid.png")
+    grid = sample_grid(pixels, jobs, settings, columns, weights=components.weights)
+    Image.fromarray(grid).save(out / "grid.png")
     return paths
 
 

@@ -5,6 +5,7 @@
     proxies.py       zero-cost proxies (grad_norm, snip, synflow) that filter points before training
     storage.py       the study in its storage: samplers, pruners, create/join, liveness, counting
     study.py         the Optuna engine (study.optimize, local workers)
+    interrupt.py     Ctrl-C and SIGTERM: held during bookkeeping, then the running trials retried
     ray_backend.py   the Ray Tune engine (Tune trials that ask and tell the same study)
     teacher.py       a search's teacher: checks and one load per worker
     export.py, report.py, compare.py   picking a point, plots and tables, comparing studies

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.core.errors import NasError
 from nas.core.runfolder import write_json, write_text, write_yaml
+from nas.cost.measure import BUSY_CORES_WARN
 from nas.models import ship_code
 from nas.space import arch_from_dict, build_unet, unet_config
 
@@ -140,7 +142,56 @@ def _latency_source(card: dict[str, Any]) -> str:
     device = card["latency_device"] or "unknown device"
     if card["latency_source"] == "table":
         return f"predicted from latency table `{Path(card['latency_table'] or '').name}` measured on {device}"
+    if card.get("latency_mode") == "relative":
+        where = (
+            "latency.reference_ms of the space"
+            if card["latency_reference_source"] == "space"
+            else "the baseline's first time measured in the search process"
+        )
+        busy = card.get("latency_reference_cores_busy") or 0.0
+        loaded = (
+            f"; that time was taken while other processes kept {busy:.1f} CPU cores busy, and every latency"
+            " of the study scales with it: set latency.reference_ms to compare studies"
+            if busy > BUSY_CORES_WARN
+            else ""
+        )
+        return (
+            f"measured whole on {device} in alternation with baseline `{card['latency_baseline']}`:"
+            f" {card['latency_ratio_rounds']:.3f} x its reference {card['latency_reference_ms']:.2f} ms"
+            f" ({where}){loaded}"
+        )
     return f"measured whole on {device}"
+
+
+def is_loaded(trial: FrozenTrial) -> bool:
+    """Was the trial's latency measured while other processes kept more than BUSY_CORES_WARN CPU
+    cores busy? (Trials of studies older than the `latency_loaded` attribute: from other_cores_busy.)"""
+    a = trial.user_attrs
+    if "latency_loaded" in a:
+        return bool(a["latency_loaded"])
+    return (
+        a.get("latency_source", "measure") == "measure" and (a.get("other_cores_busy") or 0) > BUSY_CORES_WARN
+    )
+
+
+def load_warning(study: optuna.Study) -> str | None:
+    """One line naming the completed trials timed under load, or None when there are none."""
+    trials = complete_trials(study)
+    loaded = [t for t in trials if is_loaded(t)]
+    if not loaded:
+        return None
+    most = max(t.user_attrs.get("other_cores_busy") or 0 for t in loaded)
+    relative = all(t.user_attrs.get("latency_mode") == "relative" for t in loaded)
+    return (
+        f"study {study.study_name}: trials {', '.join(str(t.number) for t in loaded)} ({len(loaded)} of"
+        f" {len(trials)} completed) were timed while other processes kept CPU cores busy (up to {most:.1f});"
+        + (
+            " their latency is a ratio to the baseline timed in the same rounds, which load shifts far less than times"
+            if relative
+            else " their latency likely reads high"
+        )
+        + "; time on a quiet machine, or use latency: {source: table} (docs/cost.md)"
+    )
 
 
 def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: str) -> dict[str, Any]:
@@ -173,6 +224,20 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "latency_source": a.get("latency_source", "measure"),
         "latency_device": a.get("latency_device"),
         "latency_table": a.get("latency_table"),
+        # source measure: "relative" (timed beside the baseline, latency = ratio x reference) or "alone"
+        "latency_mode": a.get(
+            "latency_mode", "alone" if a.get("latency_source", "measure") == "measure" else None
+        ),
+        "latency_ratio": a.get("latency_ratio"),  # candidate median / baseline median
+        "latency_ratio_rounds": a.get("latency_ratio_rounds"),  # median of per-round ratios (reported)
+        "latency_baseline": a.get("latency_baseline"),
+        "latency_reference_ms": a.get("latency_reference_ms"),
+        "latency_reference_source": a.get("latency_reference_source"),
+        "latency_reference_cores_busy": a.get("latency_reference_cores_busy"),  # None: from the space
+        "other_cores_busy": a.get("other_cores_busy"),  # while this trial was timed (CPU)
+        "latency_loaded": is_loaded(trial),
+        "loaded_trials": [t.number for t in complete_trials(study) if is_loaded(t)],
+        "load_warning": load_warning(study),
         "proxy_loss": a.get("proxy_loss"),
         "objectives": dict(zip(study.user_attrs.get("objectives", []), trial.values or [])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -196,6 +261,15 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         f"| latency source | {_latency_source(card)} |",
         f"| proxy validation loss | {card['proxy_loss']:.5f} |",
         "",
+    ]
+    if card["latency_loaded"]:
+        lines += [
+            f"**This trial was timed while other processes kept {card['other_cores_busy'] or 0:.1f} CPU cores busy.**",
+            "",
+        ]
+    if card["load_warning"]:
+        lines += [f"Warning: {card['load_warning']}.", ""]
+    lines += [
         (
             f"Load: `diffusers.AutoModel.from_config(DIR, trust_remote_code=True)` (the class's code is "
             f"`DIR/{code}.py`; no `nas` needed)"
@@ -205,4 +279,6 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         + "; train it with `nas train CONFIG --arch DIR/arch.yaml`.",
     ]
     write_text(out / "card.md", "\n".join(lines) + "\n")
+    if card["load_warning"]:  # beside the command's summary line: the pick rests on these figures
+        print(f"warning: {card['load_warning']}", file=sys.stderr)
     return card

@@ -4,6 +4,7 @@ through the `Hooks` it calls."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -61,8 +62,9 @@ def proxy_config(space: Space, space_path: str | Path | None = None):
 
 def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
     """Parameters and MACs (meta device), then latency (and peak memory) as the space says:
-    measured whole on `latency.device`, or predicted from `latency.table` (`prepare_latency`)."""
-    from nas.cost.measure import arch_cost, measure_setup
+    predicted from `latency.table` (`prepare_latency`), or measured whole on `latency.device`:
+    beside the space's first baseline (`latency.reference: baseline`, `measure_relative`) or alone."""
+    from nas.cost.measure import BUSY_CORES_WARN, arch_cost, measure_setup
     from nas.space import build_unet
 
     cost = arch_cost(arch, batch=space.latency.batch)
@@ -74,13 +76,94 @@ def measure_cost(space: Space, arch: Arch) -> dict[str, Any]:
 
         out.update(table_cost(space, arch))
         return out
-    measured = measure_setup(build_unet(arch), arch, lat)
-    out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
-    out["peak_memory_mb"] = measured.peak_memory_mb
-    out["other_cores_busy"] = measured.other_cores_busy  # > 0.5: the latency likely reads high
+    reference = baseline_reference(space)
+    if reference is None:
+        measured = measure_setup(build_unet(arch), arch, lat)
+        out.update(latency_ms_p50=measured.latency_ms_p50, latency_ms_p90=measured.latency_ms_p90)
+        out["peak_memory_mb"] = measured.peak_memory_mb
+        out["other_cores_busy"] = measured.other_cores_busy
+        out["latency_mode"] = "alone"
+    else:
+        out.update(measure_relative(space, arch, reference))
+    # more than BUSY_CORES_WARN cores of other processes: the times likely read high (the card,
+    # the summary and `nas export` name such trials)
+    out["latency_loaded"] = out["other_cores_busy"] > BUSY_CORES_WARN
     out["latency_source"] = "measure"
     out["latency_device"] = _device_name(lat.device)
     return out
+
+
+@dataclass
+class Reference:
+    """The space's first baseline, built and made ready to time once per process, and the time
+    (ms) that ratios to it are reported in: `latency.reference_ms`, else the baseline's median in
+    the first pair this process times (for a study's first worker: the baseline trial's own, as
+    the baselines are enqueued first)."""
+
+    forward: Any  # nas.cost.measure.Forward of the baseline
+    name: str
+    ms: float | None
+    source: str  # "space" (latency.reference_ms) or "measured" (first pair of this process)
+    other_cores_busy: float | None = None  # during the pair that fixed `ms` (source measured)
+
+
+_REFERENCES: dict[str, Reference] = {}  # per process: (baseline file, latency setup) -> Reference
+
+
+def baseline_reference(space: Space) -> Reference | None:
+    """The Reference of `space` under `latency.reference: baseline`, None if it has no baselines
+    or times trials alone. `baselines[0]` must be a path that exists from here (prepare_search
+    resolves it against the space file)."""
+    from nas.cost.measure import Forward, setup_kwargs
+    from nas.space import build_unet, load_arch
+
+    lat = space.latency
+    if lat.source != "measure" or lat.reference != "baseline" or not space.baselines:
+        return None
+    path = Path(space.baselines[0])
+    key = json.dumps([str(path.resolve()), lat.model_dump(mode="json")], sort_keys=True)
+    if key not in _REFERENCES:
+        if not path.is_file():
+            raise NasError(
+                f"space {space.name}: baselines[0] {path} not found (latency.reference: baseline times"
+                " every trial beside it; paths are relative to the space file; reference: none times trials alone)"
+            )
+        arch = load_arch(path)
+        forward = Forward(build_unet(arch), arch, **setup_kwargs(lat))
+        source = "space" if lat.reference_ms is not None else "measured"
+        _REFERENCES[key] = Reference(forward, arch.name, lat.reference_ms, source)
+    return _REFERENCES[key]
+
+
+def measure_relative(space: Space, arch: Arch, reference: Reference) -> dict[str, Any]:
+    """Time `arch` in alternation with the baseline (nas.cost.relative.measure_pair) and report
+    latency = per-round ratio median x the reference time, p90 = per-round ratio p90 x it."""
+    from nas.cost.measure import Forward, setup_kwargs
+    from nas.cost.relative import measure_pair
+    from nas.space import build_unet
+
+    lat = space.latency
+    pair = measure_pair(
+        Forward(build_unet(arch), arch, **setup_kwargs(lat)), reference.forward, lat.warmup, lat.iters
+    )
+    if reference.ms is None:  # the first pair of this process fixes the reference for good
+        reference.ms = pair.reference.latency_ms_p50
+        reference.other_cores_busy = pair.other_cores_busy
+    return {
+        "latency_ms_p50": pair.ratio_rounds * reference.ms,
+        "latency_ms_p90": pair.ratio_rounds_p90 * reference.ms,
+        "peak_memory_mb": pair.candidate.peak_memory_mb,  # both networks' on CPU (process peak RSS)
+        "other_cores_busy": pair.other_cores_busy,
+        "latency_mode": "relative",
+        "latency_ratio": pair.ratio,  # candidate median / baseline median, same rounds
+        "latency_ratio_rounds": pair.ratio_rounds,  # median of per-round ratios (what is reported)
+        "latency_baseline": reference.name,
+        "latency_reference_ms": reference.ms,
+        "latency_reference_source": reference.source,
+        "latency_reference_cores_busy": reference.other_cores_busy,  # None: from the space
+        "latency_measured_ms_p50": pair.candidate.latency_ms_p50,  # the candidate's own time, load included
+        "latency_baseline_ms_p50": pair.reference.latency_ms_p50,  # the baseline's in the same rounds
+    }
 
 
 def _device_name(device: str) -> str:
@@ -227,10 +310,19 @@ def prepare_search(space_path: str | Path, cache_path: str | None, teacher: str 
     cache = open_cache(cache_path)
     check_cache(space, cache, cache_path)
     space = prepare_latency(space, space_path)  # source: table: load and check it first
+    space = resolve_baselines(space, space_path)  # source: measure times trials beside the first
+    baseline_reference(space)  # built once here: a missing baseline file is refused before any trial
     space = prepare_distill(space, space_path, teacher)  # the teacher's config only
     train_config = proxy_config(space, space_path)
     check_feasible_space(space)
     return PreparedSearch(space, cache, train_config)
+
+
+def resolve_baselines(space: Space, space_path: str | Path) -> Space:
+    """The space with its `baselines:` resolved against the space file (as `latency.table` is), so
+    that `measure_cost` finds the first wherever it runs; an absolute path stays as it is."""
+    base = Path(space_path).parent
+    return space.model_copy(update={"baselines": [str((base / rel).resolve()) for rel in space.baselines]})
 
 
 def check_cache(space: Space, cache, cache_path: str) -> None:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from nas.core.runfolder import write_text
-from nas.search.export import complete_trials, pareto_front
+from nas.search.export import complete_trials, is_loaded, load_warning, pareto_front
 
 
 def _axis(study: optuna.Study) -> tuple[str, str]:
@@ -86,8 +86,29 @@ def plot_history(study: optuna.Study, path: Path) -> None:
     _save(plot_optimization_history(study, target=target, target_name=name), path)
 
 
+# Fewer completed trials than this: the importances (Optuna's default evaluator, PED-ANOVA in the
+# Optuna 5.1 installed here, which compares the best trials' parameter distribution with all
+# trials') are noise, not a finding; the report says so (issue #32).
+MIN_IMPORTANCE_TRIALS = 20
+
+
+def importance_trials(study: optuna.Study) -> int:
+    """How many trials the importances rest on: the completed ones (Optuna's evaluators fit only those)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def importance_warning(study: optuna.Study) -> str | None:
+    n = importance_trials(study)
+    if n >= MIN_IMPORTANCE_TRIALS:
+        return None
+    return (
+        f"parameter importances rest on {n} completed trials (< {MIN_IMPORTANCE_TRIALS}): read them as noise,"
+        " not a finding; run more trials before drawing on them"
+    )
+
+
 def plot_importances(study: optuna.Study, path: Path) -> str | None:
-    """Returns why it was skipped, or None."""
+    """Returns why it was skipped, or None. The title says how many trials the importances rest on."""
     from optuna.visualization.matplotlib import plot_param_importances
 
     target, name = _target(study)
@@ -95,6 +116,9 @@ def plot_importances(study: optuna.Study, path: Path) -> str | None:
         ax = plot_param_importances(study, target=target, target_name=name)
     except (ValueError, RuntimeError) as exc:  # too few trials, or a single distinct value
         return str(exc).splitlines()[0]
+    n = importance_trials(study)
+    few = f" - under {MIN_IMPORTANCE_TRIALS}: noise" if n < MIN_IMPORTANCE_TRIALS else ""
+    ax.set_title(f"Parameter importances ({name}) from {n} completed trials{few}")
     _save(ax, path)
     return None
 
@@ -125,20 +149,30 @@ def summary_markdown(study: optuna.Study) -> str:
         + ", ".join(f"{n} {s.lower()}" for s, n in states.items())
         + ".",
         "",
-        "| trial | params | MACs | latency p50 (ms) | proxy loss | Pareto | baseline |",
-        "|---:|---:|---:|---:|---:|:-:|---|",
+    ]
+    for warning in (load_warning(study), importance_warning(study)):
+        if warning:
+            lines += [f"**Warning:** {warning}.", ""]
+    lines += [
+        "| trial | params | MACs | latency p50 (ms) | x baseline | timed under load | proxy loss | Pareto | baseline |",
+        "|---:|---:|---:|---:|---:|:-:|---:|:-:|---|",
     ]
     for t in trials:
         a = t.user_attrs
+        ratio = a.get("latency_ratio_rounds")
+        busy = f"{a.get('other_cores_busy') or 0:.1f} cores" if is_loaded(t) else ""
         lines.append(
-            f"| {t.number} | {a['params']:,} | {a['macs'] / 1e6:,.1f}M | {a['latency_ms_p50']:.2f} | {a['proxy_loss']:.5f} | "
+            f"| {t.number} | {a['params']:,} | {a['macs'] / 1e6:,.1f}M | {a['latency_ms_p50']:.2f} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} | {busy} | {a['proxy_loss']:.5f} | "
             f"{'yes' if t.number in front else ''} | {a.get('baseline', '')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def write_report(study: optuna.Study, folder: str | Path) -> dict[str, str]:
-    """Write the plots and summary.md into `folder`; returns {name: path or 'skipped: why'}."""
+    """Write the plots and summary.md into `folder`; returns {name: path or 'skipped: why'}, plus
+    'warning' (importances on fewer than MIN_IMPORTANCE_TRIALS trials) and 'load' (trials timed
+    under load) when they apply: `nas report` prints every entry."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -148,6 +182,12 @@ def write_report(study: optuna.Study, folder: str | Path) -> dict[str, str]:
     out["history"] = str(folder / "history.png")
     why = plot_importances(study, folder / "importances.png")
     out["importances"] = f"skipped: {why}" if why else str(folder / "importances.png")
+    few = importance_warning(study)
+    if few and not why:
+        out["warning"] = few
+    loaded = load_warning(study)
+    if loaded:
+        out["load"] = f"warning: {loaded}"
     write_text(folder / "summary.md", summary_markdown(study))
     out["summary"] = str(folder / "summary.md")
     return out

@@ -8,6 +8,7 @@ parameters) and which trials count toward --trials.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -26,8 +27,8 @@ from nas.core.errors import NasError
 from nas.core.runfolder import RunFolder, environment
 from nas.search.settings import SamplerName, SearchSettings
 from nas.space import load_arch
-from nas.space.sample import arch_to_params
-from nas.space.schema import Space
+from nas.space.sample import arch_to_params, canonical
+from nas.space.schema import Arch, Space
 
 # Heartbeats and the stale-trial callback are marked experimental in Optuna; we rely on them
 # knowingly, so their warnings are noise for users.
@@ -55,6 +56,29 @@ SAMPLERS = {
     ),
 }
 assert tuple(SAMPLERS) == typing.get_args(SamplerName), "SamplerName must list the SAMPLERS keys"
+
+
+def sampler_seed(seed: int, study: str, rank: int, attempt: int) -> int:
+    """The sampler seed of one worker's start on a study: `seed` itself for the first worker's
+    first start (a new study with one worker draws what `--seed` always drew), else a hash of
+    (seed, study, rank, attempt), so that a resumed or parallel worker never replays another
+    start's draws. 32 bits: NumPy's RandomState, under every sampler, takes no more."""
+    if rank == 0 and attempt == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/{study}/{rank}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def seed_sampler(study: optuna.Study, settings: SearchSettings, multi: bool, rank: int) -> int:
+    """Give this worker its own sampler seed (`sampler_seed`); return it. `attempt` is the
+    number of trials the study held when the worker started, WAITING ones (enqueued baselines and
+    retries) aside: it grows with every start that drew anything (each draw is a trial), needs
+    no counter of its own in the storage, and is 0 for a new study. Two starts that see the same
+    count on the same rank drew nothing in between; workers started together differ by rank."""
+    attempt = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    seed = sampler_seed(settings.seed, settings.study, rank, attempt)
+    study.sampler = SAMPLERS[settings.sampler](seed, multi)
+    return seed
 
 
 def make_pruner(name: str, max_steps: int, report_every: int) -> optuna.pruners.BasePruner:
@@ -195,25 +219,51 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def retry_lost_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
+def retry_lost_trial(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, interrupted: bool = False
+) -> int | None:
     """Re-enqueue a trial whose process was lost, with exactly its parameters, if its architecture
-    had been chosen completely; return the number it was retried from, or None.
+    had been chosen completely (or it was enqueued: a baseline or a retry, whose parameters are
+    known from the start); return the number it was retried from, or None.
 
-    Used as the storage's heartbeat-stale callback (a trial of any host) and by
-    `fail_dead_local_trials` (this host). Optuna's own RetryHeartbeatStaleTrialCallback would
-    re-enqueue a half-chosen trial's partial parameters, and the retry would then draw the rest
-    anew: a different architecture under the old trial's name. It also copies every user
-    attribute, the dead worker's id included."""
-    if "arch" not in trial.user_attrs:
+    Used as the storage's heartbeat-stale callback (a trial of any host), by
+    `fail_dead_local_trials` (this host) and for an interrupted trial (`interrupted`: Ctrl-C or
+    SIGTERM, the user's doing, so it does not use up one of the MAX_RETRY retries). Optuna's own
+    RetryHeartbeatStaleTrialCallback would re-enqueue a half-chosen trial's partial parameters,
+    and the retry would then draw the rest anew: a different architecture under the old trial's
+    name. It also copies every user attribute, the dead worker's id included."""
+    if "arch" in trial.user_attrs:
+        params = trial.params
+    elif "fixed_params" in trial.system_attrs:
+        params = trial.system_attrs["fixed_params"]  # enqueued: its whole point, even if unsampled
+    else:
         return None  # lost while choosing: no architecture to retry
     retries = int(trial.user_attrs.get("retries", 0))
-    if retries >= MAX_RETRY:
+    if retries >= MAX_RETRY and not interrupted:
         return None
-    attrs: dict[str, Any] = {"retry_of": trial.number, "retries": retries + 1}
+    attrs: dict[str, Any] = {"retry_of": trial.number, "retries": retries + (not interrupted)}
     if "baseline" in trial.user_attrs:
-        attrs["baseline"] = trial.user_attrs["baseline"]
-    study.enqueue_trial(trial.params, user_attrs=attrs)
+        attrs["baseline"] = trial.user_attrs["baseline"]  # so `*baseline` picks still find it
+    study.enqueue_trial(params, user_attrs=attrs)
     return trial.number
+
+
+def retry_interrupted_trial(study: optuna.Study, number: int) -> int | None:
+    """Fail (if Optuna has not yet) and retry trial `number`, the last one this process started,
+    when an interrupt cut it (the objective records `interrupted`); None if it had finished on its
+    own or was retried already."""
+    trials = study.get_trials(deepcopy=False)
+    trial = next(t for t in trials if t.number == number)
+    if any(t.user_attrs.get("retry_of") == number for t in trials):
+        return None
+    if trial.state == TrialState.RUNNING:
+        try:
+            study.tell(number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            return None  # another process found it dead and failed (and retried) it first
+    elif trial.state != TrialState.FAIL or "interrupted" not in trial.user_attrs:
+        return None  # finished as it would have anyway: completed, pruned, an error, surplus
+    return retry_lost_trial(study, trial, interrupted=True)
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -233,6 +283,35 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         retry_lost_trial(study, trial)
         failed.append(trial.number)
     return failed
+
+
+def arch_key(data: dict[str, Any]) -> str:
+    """A trial's `arch` attribute as `canonical` tells architectures apart (no name, no head
+    choices of levels without attention)."""
+    return json.dumps(canonical(Arch.model_validate(data)), sort_keys=True)
+
+
+def find_duplicate(
+    study: optuna.Study, number: int, key: str, keys: dict[int, str] | None = None
+) -> int | None:
+    """The earliest trial that measured (or is measuring) the architecture `key` of trial
+    `number`: completed or pruned trials of any number, running ones with a lower number (of two
+    that run at once, the later one gives way). Failed trials are not measurements (a retry
+    repeats its lost trial's architecture on purpose); nor are trials pruned as duplicates.
+    `keys` caches `arch_key` by trial number across calls (a trial's `arch` never changes)."""
+    keys = {} if keys is None else keys
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number or "arch" not in t.user_attrs or "duplicate_of" in t.user_attrs:
+            continue
+        if t.state == TrialState.RUNNING and t.number > number:
+            continue
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            continue
+        if t.number not in keys:
+            keys[t.number] = arch_key(t.user_attrs["arch"])
+        if keys[t.number] == key:
+            return t.number
+    return None
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:

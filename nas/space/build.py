@@ -54,7 +54,7 @@ def arch_from_dict(data: dict, source: str = "<architecture>") -> Arch:
 
 def _common(arch: Arch) -> dict[str, Any]:
     s = arch.settings
-    return {
+    config: dict[str, Any] = {
         "sample_size": s.latent_size,
         "in_channels": s.latent_channels,
         "out_channels": s.latent_channels,
@@ -63,6 +63,9 @@ def _common(arch: Arch) -> dict[str, Any]:
         "norm_num_groups": s.norm_num_groups,
         "use_linear_projection": s.use_linear_projection,
     }
+    if s.time_cond_proj_dim is not None:  # the guidance embedding (LCM); both classes take the key
+        config["time_cond_proj_dim"] = s.time_cond_proj_dim
+    return config
 
 
 def stock_config(arch: Arch) -> dict[str, Any] | None:

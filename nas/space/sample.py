@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from nas.core.config import load, validate
 from nas.core.errors import NasError
-from nas.space.schema import Arch, IntRange, LevelSpace, Space
+from nas.space.schema import Arch, ArchLevel, IntRange, LevelSpace, Space
 
 
 class Chooser(Protocol):
@@ -73,6 +73,20 @@ def mirrored_up_attentions(attentions: int, resnets: int) -> int:
     """Up-path transformer layers when the up path mirrors the down path: the same number of
     transformer layers per ResNet, the up path having one more ResNet (rounded up)."""
     return ceil(attentions * (resnets + 1) / resnets)
+
+
+def mirror_message(i: int, level: ArchLevel, space_name: str) -> str:
+    """Why level `i` of an architecture is not a point of a space whose up path mirrors the down
+    path there: the value it must have, the arithmetic, and the other way out."""
+    r, a, up = level.resnets, level.attentions, level.up_attentions
+    expected = mirrored_up_attentions(a, r)
+    given = "" if "up_attentions" in level.model_fields_set else ", the default when the key is left out"
+    return (
+        f"levels.{i}.up_attentions must mirror the down path in space {space_name}: expected {expected},"
+        f" got {up}{given} (the up path's resnets + 1 = {r + 1} ResNet layers keep the down path's"
+        f" {a} attentions per {r} resnets: ceil({a} * {r + 1} / {r}) = {expected});"
+        f" or give levels.{i}.up_attentions {{min, max}} in the space to search it"
+    )
 
 
 def _int(chooser: Chooser, name: str, r: IntRange) -> int:
@@ -168,9 +182,7 @@ def arch_to_params(space: Space, arch: Arch, source: str = "<architecture>") -> 
         if ls.up_attentions is not None:
             params[f"l{i}.up_attentions"] = lv.up_attentions
         elif lv.up_attentions != mirrored_up_attentions(lv.attentions, lv.resnets):
-            raise NasError(
-                f"{source}: levels.{i}.up_attentions must mirror the down path in space {space.name}"
-            )
+            raise NasError(f"{source}: {mirror_message(i, lv, space.name)}")
         lowest_mid = arch.mid.model_dump() if arch.mid is not None and i == depth - 1 else None
         if needs_heads(lv.model_dump(), lowest_mid):
             value = getattr(lv, ls.head_key)

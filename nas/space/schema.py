@@ -62,6 +62,10 @@ class Settings(Strict):
     # GroupNorm groups (SD: 32); divides every channel count
     norm_num_groups: int = Field(32, ge=1, le=L.MAX_NORM_GROUPS)
     use_linear_projection: bool = False  # transformer proj_in/out as Linear (SD 2.x) or 1x1 conv (SD 1.x)
+    # guidance-scale embedding width (diffusers' time_cond_proj_dim; LCM: 256): the U-Net takes the
+    # guidance weight w as `timestep_cond` (nas/models/guidance.py), one call per sampling step;
+    # null: none. >= 4: the embedding needs two frequencies
+    time_cond_proj_dim: int | None = Field(None, ge=4, le=L.MAX_CHANNELS)
 
 
 class IntRange(Strict):
@@ -206,6 +210,13 @@ class LatencySetup(Strict):
     # with a runtime other than eager fp32, `dtype` stays fp32 (the precision says it)
     runtime: Runtime = "eager"
     precision: Precision = "fp32"
+    # source: measure: `baseline` times every trial in alternation with the first of `baselines:`
+    # and reports ratio x reference_ms (load hits both alike, nas/cost/relative.py); `none` times
+    # the trial alone (before issue #32). Without baselines, or with a table, it has no effect.
+    reference: Literal["baseline", "none"] = "baseline"
+    # the baseline's latency in ms that ratios are scaled by, e.g. from a quiet `nas inspect
+    # --latency`: the same in every study; default: the first baseline time the process measures
+    reference_ms: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _table_given(self) -> LatencySetup:
@@ -213,6 +224,10 @@ class LatencySetup(Strict):
             raise ValueError("source: table needs table: PATH (a `nas latency-table` file)")
         if self.source == "measure" and (self.table or self.device_name):
             raise ValueError("table and device_name apply only to source: table")
+        if self.source == "table" and self.reference_ms:
+            raise ValueError("reference_ms applies only to source: measure (a table is immune to load)")
+        if self.reference == "none" and self.reference_ms:
+            raise ValueError("reference_ms scales ratios to the baseline: it needs reference: baseline")
         if (self.runtime, self.precision) != ("eager", "fp32"):
             problem = precision_error(self.runtime, self.precision)
             if problem:
@@ -376,6 +391,8 @@ class Arch(Strict):
             del data["mid"]["resolution"]
         if data["attention_layout"] == "stacked":
             del data["attention_layout"]
+        if data["settings"]["time_cond_proj_dim"] is None:
+            del data["settings"]["time_cond_proj_dim"]
         return data
 
     @model_validator(mode="after")

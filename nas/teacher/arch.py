@@ -45,7 +45,6 @@ STOCK_FIXED: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None,
@@ -130,6 +129,8 @@ def arch_from_unet_config(config: dict, name: str = "teacher", source: str = "co
         "norm_num_groups": config.get("norm_num_groups", 32),
         "use_linear_projection": bool(config.get("use_linear_projection", False)),
     }
+    if config.get("time_cond_proj_dim") is not None:  # a guidance embedding (LCM), both classes
+        settings["time_cond_proj_dim"] = config["time_cond_proj_dim"]
     data = {"name": name, "settings": settings, "levels": levels, "mid": mid}
     if layout != "stacked":
         data["attention_layout"] = layout

@@ -15,7 +15,9 @@ Which teacher layer seeds which student layer: nas/teacher/plan.py (`plan`, `kee
   split into the student's heads). A group no filter writes (the sinusoidal timestep features)
   keeps its first channels.
 - new (`narrow="fresh"`, or a layer the teacher lacks): the student's own random initialisation;
-- identity-init: a layer the teacher lacks, with its residual branch's last projection zeroed
+- identity-init: a guidance embedding the teacher lacks (`time_embedding.cond_proj`, zeroed: the
+  student computes the teacher's function at every guidance weight), or a layer the teacher lacks,
+  with its residual branch's last projection zeroed
   (ResnetBlock2D.conv2; Transformer2DModel.proj_out; in a new transformer layer inside an inherited
   transformer attn1/attn2 to_out and ff.net.2), so it passes its input through and the student
   starts as the teacher's function where its layout allows. A new up-path ResNet also gets the
@@ -56,8 +58,15 @@ def _sizes(arch: Arch) -> dict[str, int]:
     sizes = {f"level{i}": lv.channels for i, lv in enumerate(arch.levels)}
     # SD: the time embedding is 4 x the first level's channels; its sinusoid has c0 features
     sizes.update(temb=4 * c0, tproj=c0, text=s.cross_attention_dim, latent=s.latent_channels)
+    if s.time_cond_proj_dim is not None:  # the guidance embedding's input width
+        sizes["gcond"] = s.time_cond_proj_dim
     return sizes
 
+
+# The guidance embedding's projection (settings.time_cond_proj_dim; diffusers' TimestepEmbedding
+# cond_proj). One the teacher lacks, or of another input width, starts at zero (identity-init): the
+# student then computes the teacher's function whatever guidance weight it is given.
+COND_PROJ = "time_embedding.cond_proj.weight"
 
 STEM_PARTS = {
     "conv_in.weight": [["level0"], ["latent"]],
@@ -66,6 +75,7 @@ STEM_PARTS = {
     "time_embedding.linear_1.bias": [["temb"]],
     "time_embedding.linear_2.weight": [["temb"], ["temb"]],
     "time_embedding.linear_2.bias": [["temb"]],
+    COND_PROJ: [["tproj"], ["gcond"]],  # guidance embedding -> the sinusoid's features (no bias)
     "conv_norm_out.weight": [["level0"]],
     "conv_norm_out.bias": [["level0"]],
     "conv_out.weight": [["latent"], ["level0"]],
@@ -148,6 +158,8 @@ def tensor_plan(
         numel = int(torch.Size(shape).numel())
         if source is None:
             status = "identity-init" if _zeroed(unit, name) else "new"
+        elif name == COND_PROJ and (source not in teacher_shapes or teacher_shapes[source][1:] != shape[1:]):
+            source, status = None, "identity-init"  # a new guidance embedding: zero (see COND_PROJ)
         elif source not in teacher_shapes and ".conv_shortcut." in name and unit.kind == "resnet":
             # the teacher's ResNet keeps its channel count (identity skip, no 1x1 conv) where the
             # student's changes it (a level narrower than the next): a new projection

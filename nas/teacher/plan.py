@@ -302,7 +302,17 @@ def plan(teacher: Arch, student: Arch) -> Plan:
             notes.append(f"{sb.path} (mid.resolution {'half' if sb.resampler else 'same'}) <- the teacher's "
                          f"{tb.path} at latent_size/2**{sb.level}{extra}; an initialisation, not the "
                          "teacher's function")  # fmt: skip
-    return Plan(units, _dropped(t_blocks, units), notes)
+    dropped = _dropped(t_blocks, units)
+    t_cond, s_cond = teacher.settings.time_cond_proj_dim, student.settings.time_cond_proj_dim
+    if t_cond is not None and s_cond is None:
+        dropped.append("time_embedding.cond_proj")
+        notes.append("time_embedding.cond_proj: the teacher's guidance embedding is dropped (the student "
+                     "has no settings.time_cond_proj_dim)")  # fmt: skip
+    elif s_cond is not None and t_cond != s_cond:
+        had = "none" if t_cond is None else f"width {t_cond}"
+        notes.append(f"time_embedding.cond_proj: new guidance embedding (width {s_cond}; the teacher's: {had}), "
+                     "zero: the student computes the teacher's function at every guidance weight")  # fmt: skip
+    return Plan(units, dropped, notes)
 
 
 def _dropped(t_blocks: dict[tuple[str, int], Block], units: list[Unit]) -> list[str]:

@@ -3,6 +3,8 @@
 A checkpoint is a folder RUN/checkpoints/step_NNNNNN/ holding
     model.safetensors   raw weights (+ config.json when the model has a diffusers config)
     ema.safetensors     EMA weights by parameter name (only once the EMA has started)
+    <name>.safetensors  further networks the run trains alongside (`extra`: consistency
+                        distillation's target network, target.safetensors)
     optimizer.pt        AdamW state      } torch.save of plain tensors and numbers, loaded back
     lr_scheduler.pt     LambdaLR state   } with weights_only=True (no pickled code)
     rng_<rank>.pt       torch / CUDA / numpy / random states of each process
@@ -115,8 +117,10 @@ def save_checkpoint(
     ema,
     config,
     keep: int,
+    extra: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically; every process calls this (each saves its RNG)."""
+    """Write the checkpoint of `step` atomically; every process calls this (each saves its RNG).
+    `extra`: name -> module, each saved as <name>.safetensors."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -126,6 +130,8 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_model(model, str(tmp / "model.safetensors"))
+        for name, module in (extra or {}).items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
         save_config = getattr(model, "save_config", None)  # diffusers models: config.json beside
         if save_config is not None:
             save_config(tmp)
@@ -166,10 +172,19 @@ def read_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, lr_scheduler, make_ema):
+def load_checkpoint(
+    accelerator,
+    path: Path,
+    model: torch.nn.Module,
+    optimizer,
+    lr_scheduler,
+    make_ema,
+    extra: dict[str, torch.nn.Module] | None = None,
+):
     """Restore weights, optimizer, LR schedule, RNG and EMA; returns (step, ema or None).
 
     `make_ema()` builds a fresh EMAModel on the restored weights; its state is then loaded.
+    `extra`: name -> module, each restored from <name>.safetensors (saved with the same `extra`).
     """
     path = Path(path)
     state = read_state(path)
@@ -184,6 +199,15 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
             f"{path}: weights do not fit this architecture ({len(missing)} missing,"
             f" {len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[0]})"
         )
+    for name, module in (extra or {}).items():
+        if not (path / f"{name}.safetensors").is_file():
+            raise NasError(
+                f"{path}: no {name}.safetensors (saved by a run of another kind); resume with its config"
+            )
+        missing, unexpected = load_model(module, str(path / f"{name}.safetensors"), strict=False)
+        if missing or unexpected:
+            raise NasError(f"{path}: {name}.safetensors does not fit this architecture ({len(missing)} missing,"
+                           f" {len(unexpected)} unexpected tensors)")  # fmt: skip
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     rng_file = path / f"rng_{accelerator.process_index}.pt"

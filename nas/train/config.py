@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nas.core import limits as L
 from nas.core.config import Strict, read_yaml, validate
@@ -66,7 +66,8 @@ class TrainConfig(Strict):
     )
     diffusion: Recipe = Recipe()  # noise schedule, prediction type, Min-SNR (nas/diffusion.py)
     ema: EMAConfig | None = EMAConfig()  # null: no EMA
-    # knowledge distillation from a teacher U-Net (nas/train/distill.py, BK-SDM); null: none
+    # distillation from a teacher U-Net: kind bk_sdm (nas/train/distill.py, BK-SDM) or consistency
+    # (nas/train/consistency.py, LCM); null: none
     distill: DistillConfig | None = None
 
     # Upper bounds: nas/core/limits.py (each with the figures of real runs it leaves room for); NaN and
@@ -112,6 +113,24 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(1000, ge=1, le=L.MAX_STEPS)
     # newest checkpoints kept on disk
     keep_checkpoints: int = Field(2, ge=1, le=L.MAX_KEEP_CHECKPOINTS)
+
+    @model_validator(mode="after")
+    def _consistency_recipe(self) -> TrainConfig:
+        d, recipe = self.distill, self.diffusion
+        if d is None or d.kind != "consistency":
+            return self
+        if recipe.prediction == "epsilon" and recipe.zero_terminal_snr:
+            raise ValueError(
+                "distill.kind consistency with diffusion.prediction epsilon and zero_terminal_snr true: at"
+                " t = T-1 alpha_bar = 0 and x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) is"
+                " undefined; use prediction v_prediction (x0 = -v there) or zero_terminal_snr false"
+            )
+        if recipe.num_train_timesteps % d.num_ddim_timesteps:
+            raise ValueError(
+                f"distill.num_ddim_timesteps {d.num_ddim_timesteps} must divide diffusion.num_train_timesteps"
+                f" {recipe.num_train_timesteps} (the solver grid k*i - 1 then ends at T-1; LCM: 50 of 1000)"
+            )
+        return self
 
     def global_batch(self, processes: int = 1) -> int:
         return self.batch_size * self.grad_accum * processes

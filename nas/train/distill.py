@@ -1,6 +1,7 @@
 """Knowledge distillation from a teacher U-Net, as BK-SDM does (Kim et al. 2023, "BK-SDM: A
 Lightweight, Fast, and Cheap Version of Stable Diffusion"; github.com/Nota-NetsPresso/BK-SDM,
-src/kd_train_text_to_image.py):
+src/kd_train_text_to_image.py), `distill: {kind: bk_sdm}` (the default; kind: consistency is
+nas/train/consistency.py):
 
     loss = task * L_task + output * L_out + feature * L_feat
 
@@ -153,6 +154,15 @@ class _Clock:
         return total
 
 
+def frozen_teacher(teacher: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The teacher on `device`, in eval mode, without gradients, its weights cast to `dtype`."""
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if not getattr(teacher, "_keep_in_fp32_modules", None):  # no U-Net here declares any
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even with none to keep
+        torch.nn.Module.to(teacher, dtype=dtype)
+    return teacher
+
+
 class Distiller:
     """Per micro-batch: the student's and the teacher's forward, the three terms, their weighted sum.
 
@@ -170,10 +180,7 @@ class Distiller:
         dtype: torch.dtype = torch.float32,
         announce: Callable[[str], None] | None = None,
     ):
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
-        if not getattr(teacher, "_keep_in_fp32_modules", None):  # no U-Net here declares any
-            # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even with none to keep
-            torch.nn.Module.to(self.teacher, dtype=dtype)
+        self.teacher = frozen_teacher(teacher, device, dtype)
         self.dtype = next(self.teacher.parameters()).dtype  # its inputs are cast to it
         self.weights, self.announce = weights, announce
         use_features = weights.feature > 0

@@ -9,7 +9,9 @@ Per optimizer step: `grad_accum` micro-batches (latents drawn from the cached VA
 dropped to the empty caption with probability `cfg_drop`, uniform timesteps), the Min-SNR-weighted
 loss of nas/diffusion.py, gradient clipping, AdamW, the LR schedule, and from `ema.start` onward an
 EMA update. Validation loss on fixed triples every `val_every` steps; checkpoints every
-`checkpoint_every` steps and at the end.
+`checkpoint_every` steps and at the end. With `distill:` the loss is BK-SDM's (nas/train/distill.py)
+or, with kind: consistency, the consistency loss (nas/train/consistency.py), whose target network is
+updated after each optimizer step and checkpointed with the student.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from nas.diffusion import diffusion_loss, noise_scheduler
 from nas.models import ship_code
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig, check_resumable
+from nas.train.consistency import CONSISTENCY_METRICS, Consistency, check_pair, check_teacher_recipe
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
 from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
 from nas.train.metrics import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
@@ -83,8 +86,11 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, scheduler, val_set: ValidationSet, accelerator, batch_size: int, gamma) -> float:
-    """Mean validation loss over all fixed triples (each process takes a slice, sums are reduced)."""
+def evaluate(
+    model, scheduler, val_set: ValidationSet, accelerator, batch_size: int, gamma, consistency=None
+) -> float:
+    """Mean validation loss over all fixed triples (each process takes a slice, sums are reduced);
+    with `consistency` (a Consistency), its loss instead of the diffusion loss."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=accelerator.device)
@@ -92,9 +98,12 @@ def evaluate(model, scheduler, val_set: ValidationSet, accelerator, batch_size: 
     for batch in val_set.shard(accelerator.process_index, accelerator.num_processes, batch_size):
         b = _to(batch, accelerator.device)
         with accelerator.autocast():
-            losses = diffusion_loss(
-                model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
-            )
+            if consistency is not None:
+                losses = consistency.validation_losses(model, b)
+            else:
+                losses = diffusion_loss(
+                    model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
+                )
         total += losses.sum()
         count += len(losses)
     model.train(was_training)
@@ -170,7 +179,10 @@ def train(
             " train_arch and proxy_train load it from distill.teacher"
         )
     if teacher is not None:
-        check_compatible(dict(getattr(teacher, "config", None) or {}), cache.manifest, "teacher", cache_name)
+        teacher_config = dict(getattr(teacher, "config", None) or {})
+        if config.distill is not None and config.distill.kind == "consistency":
+            check_pair(config.distill, dict(getattr(model, "config", None) or {}), teacher_config, "teacher")
+        check_compatible(teacher_config, cache.manifest, "teacher", cache_name)
     scheduler = noise_scheduler(config.diffusion)
     gamma = config.diffusion.min_snr_gamma
     steps_t = scheduler.config.num_train_timesteps
@@ -195,11 +207,22 @@ def train(
         num_training_steps=config.max_steps,
     )
     net = accelerator.unwrap_model(model)
-    distiller = None
+    distiller: Distiller | Consistency | None = None  # the loss terms, the teacher's clock
+    consistency: Consistency | None = None
     if config.distill is not None and teacher is not None:
         announce = None if quiet or not main else (lambda line: print(line, file=sys.stderr, flush=True))
         dtype = mixed_precision_dtype(accelerator.mixed_precision)
-        distiller = Distiller(teacher, config.distill, net, accelerator.device, dtype, announce)
+        if config.distill.kind == "consistency":
+            distiller = consistency = Consistency(
+                teacher, config.distill, scheduler, net, batches.empty_text, accelerator.device, dtype,
+                config.seed, accelerator.process_index,
+            )  # fmt: skip
+        else:
+            distiller = Distiller(teacher, config.distill, net, accelerator.device, dtype, announce)
+    beside = consistency.checkpointed() if consistency is not None else None  # saved with the student
+
+    def validation_loss() -> float:
+        return evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma, consistency)
 
     def make_ema():
         assert config.ema is not None  # called only with EMA configured (or in the checkpoint's config)
@@ -208,7 +231,7 @@ def train(
 
     start, ema = 0, None
     if ckpt is not None:
-        start, ema = load_checkpoint(accelerator, ckpt, net, optimizer, lr_scheduler, make_ema)
+        start, ema = load_checkpoint(accelerator, ckpt, net, optimizer, lr_scheduler, make_ema, beside)
     metrics = None
     if run is not None and main:
         folder = RunFolder(run).mkdir()
@@ -222,7 +245,9 @@ def train(
             mixed_precision=accelerator.mixed_precision,
         )
         folder.write_environment(env, start if ckpt is not None else None)
-        columns = METRICS + DISTILL_METRICS if distiller is not None else METRICS
+        columns: tuple[str, ...] = METRICS
+        if distiller is not None:
+            columns += CONSISTENCY_METRICS if consistency is not None else DISTILL_METRICS
         metrics = MetricsLog(folder.metrics, resume_step=start if ckpt is not None else None, columns=columns)
 
     ema_start = config.ema_start_step()
@@ -234,7 +259,7 @@ def train(
     val_loss, val_start, stopped, done = None, None, False, start
     distill_time = [0.0, 0.0, 0]  # seconds in steps, of them in the teacher, steps logged
     if run is not None and ckpt is None:  # a fresh run's metrics start from the untrained model
-        val_start = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
+        val_start = validation_loss()
         if metrics is not None:
             metrics.add(step=0, val_loss=val_start, lr=lr_scheduler.get_last_lr()[0])
     elif metrics is not None:
@@ -253,7 +278,9 @@ def train(
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        if distiller is not None:  # weighted task + output KD + feature KD
+                        if consistency is not None:
+                            loss = consistency.loss(model, b, step, micro)
+                        elif isinstance(distiller, Distiller):  # weighted task + output KD + feature KD
                             loss = distiller.loss(model, scheduler, b, gamma)
                         else:
                             loss = diffusion_loss(
@@ -279,6 +306,8 @@ def train(
             if not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if consistency is not None:
+                consistency.update_target(net)
             if ema is not None:
                 ema.step(net.parameters())
             done = step + 1
@@ -288,7 +317,7 @@ def train(
 
             val_due = done % config.val_every == 0 or done == config.max_steps
             if val_due:
-                val_loss = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
+                val_loss = validation_loss()
                 best_val = min(best_val, (val_loss, done))
                 if report is not None:
                     stopped = bool(report(done, val_loss))
@@ -322,7 +351,16 @@ def train(
                 done % config.checkpoint_every == 0 or done == config.max_steps or stopped
             ):
                 save_checkpoint(
-                    accelerator, run, done, net, optimizer, lr_scheduler, ema, config, config.keep_checkpoints
+                    accelerator,
+                    run,
+                    done,
+                    net,
+                    optimizer,
+                    lr_scheduler,
+                    ema,
+                    config,
+                    config.keep_checkpoints,
+                    beside,
                 )
                 if main:
                     plot_losses(run / "metrics.csv", run / "loss.png")
@@ -334,12 +372,12 @@ def train(
             distiller.close()  # the hooks go; the caller keeps a plain model
 
     if val_loss is None:  # nothing trained in this session (resumed at the end)
-        val_loss = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
+        val_loss = validation_loss()
     val_loss_ema: float | None = None
     if ema is not None and not stopped:
         ema.store(net.parameters())
         ema.copy_to(net.parameters())
-        val_loss_ema = evaluate(model, scheduler, val_set, accelerator, config.batch_size, gamma)
+        val_loss_ema = validation_loss()
         ema.restore(net.parameters())
     session_rate = samples_per_step * (done - start) / train_time if train_time else None
     diverged = val_loss > DIVERGED_RATIO * best_val[0]
@@ -387,6 +425,17 @@ def check_arch_cache(arch, manifest: dict, arch_source: str, cache_source: str) 
     check_compatible(settings, manifest, arch_source, cache_source)
 
 
+def check_consistency(config: TrainConfig, arch) -> None:
+    """With distill kind: consistency, before anything is built: the student's guidance embedding
+    and the recipe the teacher's folder records (nas/train/consistency.py; NasError)."""
+    if config.distill is None or config.distill.kind != "consistency":
+        return
+    check_pair(
+        config.distill, {"time_cond_proj_dim": arch.settings.time_cond_proj_dim}, {}, config.distill.teacher
+    )
+    check_teacher_recipe(config.distill.teacher, config.diffusion)
+
+
 def train_arch(
     config: TrainConfig,
     arch_path: str | Path | None = None,
@@ -413,6 +462,7 @@ def train_arch(
             "no latent cache: pass --cache CACHE (made by `nas precompute`) or set cache: in the config"
         )
     arch = load_arch(arch_path)
+    check_consistency(config, arch)
     run = Path(out) if out is not None else Path("results") / "train" / f"{arch.name}-{config.name}"
     if resume and latest_checkpoint(run) is None:
         raise NasError(f"{run}: no checkpoint to resume from in {run / 'checkpoints'}; run without --resume")
@@ -479,6 +529,7 @@ def proxy_train(
         base["seed"] = seed
     config = validate(TrainConfig, base, "proxy_train")
     check_arch_cache(arch, cache.manifest, f"architecture {arch.name}", str(getattr(cache, "path", "cache")))
+    check_consistency(config, arch)
     set_seed(config.seed)
     model = build_unet(arch)
     module = None

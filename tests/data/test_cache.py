@@ -145,7 +145,9 @@ def test_skipped_images_are_counted(shapes_dir, tiny_vae_dir, minilm, tmp_path):
     (data / names[0]).write_bytes(b"corrupt")
     (data / names[1]).unlink()
     manifest = _run(open_source(data), tiny_vae_dir, minilm, tmp_path / "cache")
-    assert manifest["skipped"] == 2 and manifest["skipped_reasons"] == {"unreadable image": 2}
+    assert manifest["skipped"] == 2 and manifest["skipped_reasons"] == {"corrupt image": 1, "missing file": 1}
+    named = [(s.reason, s.file, s.line) for s in open_cache(tmp_path / "cache").skips()]
+    assert named == [("corrupt image", names[0], 1), ("missing file", names[1], 2)]
     assert manifest["count"] == len(names) - 2
     assert open_cache(tmp_path / "cache").records()[0]["file_name"] == names[2]
 

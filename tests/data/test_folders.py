@@ -84,13 +84,18 @@ def test_imagefolder_skips_and_counts(tmp_path):
     source = open_source(_folder(tmp_path / "f", rows, files))
     assert source.kind == "imagefolder"
     assert [e.key for e in source.entries] == ["a.png", "d.png", "missing.png", "e.png"]
-    assert dict(source.skipped) == {"no caption": 2, "no file_name": 1}
+    assert source.skips.counts() == {"empty caption": 1, "no caption": 1, "no file_name": 1}
     assert source.entries[0].record["label"] == 1
     with pytest.raises(UnreadableImage):
         source.load(source.entries[1], 16)
     images, kept, skipped = load_images(source, 16)
     assert images.shape == (2, 3, 16, 16) and kept == [0, 3]
-    assert dict(skipped) == {"no caption": 2, "no file_name": 1, "unreadable image": 2}
+    assert skipped.counts() == {
+        "corrupt image": 1, "empty caption": 1, "missing file": 1, "no caption": 1, "no file_name": 1
+    }  # fmt: skip
+    assert [(s.reason, s.line) for s in skipped] == [
+        ("empty caption", 2), ("no caption", 3), ("corrupt image", 4), ("missing file", 5), ("no file_name", 6)
+    ]  # fmt: skip
     assert source.fingerprint()["entries"] == 4
 
 
@@ -143,10 +148,10 @@ def test_webdataset_shards(tmp_path):
         "00001.tar/sub/000000003",
         "00001.tar/000000005",
     ]
-    assert dict(source.skipped) == {"no caption": 1, "no image": 1}
+    assert source.skips.counts() == {"no caption": 1, "no image": 1}
     assert source.entries[0].record["url"] == "http://x" and source.entries[0].text == "a red square"
     images, kept, skipped = load_images(source, 8)
-    assert kept == [0, 1, 3] and skipped["unreadable image"] == 1
+    assert kept == [0, 1, 3] and skipped.counts()["corrupt image"] == 1
     assert images[1, 2].mean() > 0.9  # blue channel of the blue square
     # The same shards by brace pattern, glob, and single file.
     assert expand_shards(str(shards / "{00000..00001}.tar")) == [shards / "00000.tar", shards / "00001.tar"]
@@ -164,7 +169,7 @@ def test_truncated_and_unreadable_shards(tmp_path):
     (tmp_path / "cut" / "a.tar").write_bytes(data[: len(data) // 2])
     source = open_source(tmp_path / "cut" / "a.tar")
     assert [e.key for e in source.entries] == ["a.tar/000", "a.tar/001"]
-    assert dict(source.skipped) == {"no caption": 1}
+    assert source.skips.counts() == {"no caption": 1}
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "b.tar").write_bytes(b"\x00not a tar" * 10)
     with pytest.raises(NasError, match=r"b\.tar"):

@@ -112,9 +112,9 @@ def test_eval_bad_input_is_one_line_exit_2(sample_world, tiny_evaluator, tmp_pat
     assert "no U-Net weights" in capsys.readouterr().err
 
 
-def test_other_data_goes_to_inception_fid(sample_world, tmp_path):
-    """A cache without shapes labels is scored by Inception FID: it needs torchmetrics and local
-    Inception weights, and says so in one line where they are missing (as here, offline)."""
+def test_other_data_is_scored_on_the_held_out_items(sample_world, tmp_path):
+    """A cache without shapes labels: prompts and reference images are the items the trainer held
+    out (the last val_items), the Frechet floor as many training items just before them."""
     from nas.data.cache import open_cache
     from nas.evaluate.quality import held_out_eval_set, is_shapes
     from nas.sample import load_run
@@ -132,10 +132,9 @@ def test_other_data_goes_to_inception_fid(sample_world, tmp_path):
     (run / "config.yaml").write_text(config.replace(str(sample_world.cache), str(cache)))
     assert not is_shapes(open_cache(cache))
     eval_set = held_out_eval_set(load_run(run), n=4, seed=0)
-    assert eval_set.kind == "fid" and len(eval_set.reference) == 4
+    assert eval_set.kind == "held_out" and len(eval_set.reference) == 4
     assert eval_set.prompts == [r["text"] for r in plain[-8:][:4]]
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError:
-        with pytest.raises(NasError, match="Inception FID needs torchmetrics"):
-            evaluate_run(run, tmp_path / "eval", [2], 4, SampleSettings(steps=2), progress=False)
+    assert eval_set.floor is not None and len(eval_set.floor) == 4
+    first = plain[-12]  # the floor's first image: the training item 4 before the held-out block
+    png = np.array(Image.open(sample_world.shapes / "train" / first["file_name"]).convert("RGB"))
+    assert torch.equal(eval_set.floor[0], torch.from_numpy(png).permute(2, 0, 1).float() / 255)

@@ -114,16 +114,6 @@ def test_load_evaluator_errors(tmp_path):
         ev.load_evaluator(tmp_path / "e")
 
 
-def test_inception_fid_is_optional():
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError:
-        with pytest.raises(NasError, match="needs torchmetrics"):
-            ev.inception_fid(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
-    else:
-        pytest.skip("torchmetrics installed: the lazy-import error path is not reachable")
-
-
 def test_cli_train_evaluator_dry_run_and_refusal(tmp_path, capsys):
     from nas.cli import main
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from nas.cli import main
 from nas.core.errors import NasError
+from nas.core.grid import LINE_PX, MAX_ROW_LABEL_PX
 from nas.sample import (
     SCHEDULERS,
     SampleSettings,
@@ -144,10 +145,19 @@ def test_nas_sample_writes_images_sidecars_and_grid(sample_world, tmp_path, caps
     )
     assert first["timestep_spacing"] == "trailing" and len(first["model_sha256"]) == 64
     assert Image.open(pngs[0]).size == (32, 32)
-    # 3 columns, 2 rows, 2 px borders; 32 px images enlarged x3 to readable 96 px cells
-    assert Image.open(out / "grid.png").size == (3 * 98 + 2, 2 * 98 + 2)
+    # 3 columns, 2 rows, 2 px borders; 32 px images enlarged x3 to readable 96 px cells; the prompts
+    # in a left margin and the seeds and settings in a band on top, outside the cells
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert (grid[2:98, 2:98] == np.asarray(Image.open(pngs[0])).repeat(3, 0).repeat(3, 1)).all()
+    left, top = grid.shape[1] - (3 * 98 + 2), grid.shape[0] - (2 * 98 + 2)
+    assert 0 < left <= MAX_ROW_LABEL_PX and top >= 2 * LINE_PX
+    for i, png in enumerate(pngs):  # each cell is its single PNG, enlarged x3 pixel for pixel
+        r, c = divmod(i, 3)
+        y, x = top + 2 + r * 98, left + 2 + c * 98
+        cell = grid[y : y + 96, x : x + 96]
+        assert np.array_equal(cell, np.asarray(Image.open(png)).repeat(3, 0).repeat(3, 1)), png.name
+    ink = (grid < 128).any(axis=2)
+    assert ink[top + 2 : top + 98, :left].sum() > 50 and ink[top + 100 : top + 196, :left].sum() > 50
+    assert ink[:top, left:].sum() > 50  # seeds and settings
     assert "wrote 6 images" in capsys.readouterr().out
 
 

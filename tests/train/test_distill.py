@@ -207,7 +207,7 @@ def test_train_arch_inherits_and_resumes(fake_cache, quick_config, tmp_path, mon
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("distill: {teacher: t.yaml, weight: 1}", "distill.weight: unknown key (allowed: feature, init, output, task, teacher)"),
+        ("distill: {teacher: t.yaml, weight: 1}", "distill.weight: unknown key (allowed: feature, guidance_embedding, huber_c, init, kind, loss, num_ddim_timesteps, output, target_decay, task, teacher, w_max, w_min)"),
         ("distill: {teacher: t.yaml, output: -1}", "distill.output: Input should be greater than or equal to 0"),
         ("distill: {teacher: t.yaml, task: 0, output: 0, feature: 0}", "all 0: nothing to train"),
         ("distill: {output: 1}", "distill.teacher: required key missing"),
