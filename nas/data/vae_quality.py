@@ -18,9 +18,10 @@ import torch
 # Validation PSNR below which a VAE is called too blurry (dB, [0, 1] scale, posterior mean). The
 # repo's measured VAEs on the shapes data (alignment of the shapes evaluator on their reconstructions,
 # the ceiling of any U-Net trained on their latents): 21.4 dB -> 0.44, 24.6 dB -> 0.68, 24.75 dB
-# (the quickstart VAE) -> 0.71, 27.97 dB -> 0.87. Below 24.5 dB no measured VAE kept a ceiling of 0.68.
+# (the quickstart VAE) -> 0.74, 27.97 dB -> 0.87. Below 24.5 dB no measured VAE kept a ceiling of 0.68.
 USABLE_PSNR_DB = 24.5
-MIN_STEPS = 3000  # optimizer steps: the quickstart's VAE (24.75 dB on 1,583 images, 300: docs/data.md)
+# Optimizer steps: the quickstart's VAE, 24.75 dB on 1,583 shapes images (23.5 dB on 219: docs/data.md).
+MIN_STEPS = 3000
 # Beyond 6,000 images (the most a step count was measured on: 5,398): 2 passes at batch 4, 0.5 steps
 # per image; an extrapolation, not measured. Up to 6,000 images the rule gives MIN_STEPS.
 STEPS_PER_IMAGE = 0.5
@@ -48,7 +49,8 @@ def verdict(val_psnr_db: float, steps: int, n_images: int, picture: Path | str) 
     elif steps < recommended:
         line = (
             f"vae verdict: too blurry: {measured} < {USABLE_PSNR_DB} dB after {steps} steps; train longer: "
-            f"--steps {recommended} is recommended for {n_images} images; look at {picture} ({DOC})"
+            f"--steps {recommended} is recommended for {n_images} images, or keep more detail with 16x16 "
+            f"latents (--channels 32,64); look at {picture} ({DOC})"
         )
     else:
         recommended = _round_up(2 * steps)  # already past the rule: double it, or more detail

@@ -288,7 +288,8 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-@pytest.mark.slow
+# about 20 s on a quiet 2-core machine, about a minute beside other jobs: in the fast suite, as the
+# whole flow on a user's folder is what a newcomer runs first
 def test_own_folder_end_to_end_offline(tmp_path, no_network, capsys):
     results = tmp_path / "results"
     path = write(tmp_path, folder_experiment(tmp_path))
