@@ -11,7 +11,7 @@ from nas.core import limits as L
 from nas.core.settings import CommandSettings, arg
 from nas.deploy.choices import Precision, Runtime
 
-Scheduler = Literal["ddim", "dpmpp", "euler"]  # keys of nas.sample.components.SCHEDULERS
+Scheduler = Literal["ddim", "dpmpp", "euler", "lcm"]  # keys of nas.sample.components.SCHEDULERS
 Spacing = Literal["trailing", "leading", "linspace"]  # nas.sample.components.SPACINGS
 Weights = Literal["auto", "ema", "raw"]  # nas.sample.components.WEIGHTS
 MAX_STEPS = L.MAX_SAMPLE_STEPS  # denoising steps: at most one per training timestep
@@ -22,7 +22,9 @@ class Sampling(CommandSettings):
     """Settings shared by `nas sample`, `nas eval` and `nas compare`."""
 
     guidance: float = arg(7.5, "classifier-free guidance scale; 1 = none", ge=1, le=L.MAX_GUIDANCE)
-    scheduler: Scheduler = arg("ddim", "ddim, dpmpp (DPM-Solver++ 2M) or euler")
+    scheduler: Scheduler = arg(
+        "ddim", "ddim, dpmpp (DPM-Solver++ 2M), euler, or lcm (consistency students, 1-8 steps)"
+    )
     spacing: Spacing = arg("trailing", "timestep grid; trailing never evaluates t=0 (Lin et al. 2023)")
     seed: int = arg(0, "image j of each prompt uses seed + j", ge=0, le=L.MAX_SEED)
     weights: Weights = arg("auto", "auto (EMA if the run has it), ema or raw")

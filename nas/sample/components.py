@@ -27,7 +27,14 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     # DPM-Solver++ 2M (Lu et al. 2022): diffusers' default multistep solver for text-to-image
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),  # Karras et al. 2022, Algorithm 2 without churn
+    # Latent consistency models (Luo et al. 2023), for students of `distill: {kind: consistency}`:
+    # 1-8 steps on the skipping-step grid the student was distilled on (original_inference_steps =
+    # its num_ddim_timesteps, 50 by default; boundary scalings with timestep_scaling 10, as
+    # nas/train/consistency.py). With a guidance embedding the pipeline feeds --guidance to it and
+    # makes one U-Net call per step; without one, use --guidance 1 (guidance was distilled in).
+    "lcm": ("LCMScheduler", {"original_inference_steps": 50, "timestep_scaling": 10.0}),
 }
+LCM_MAX_STEPS = 50  # LCMScheduler refuses more steps than original_inference_steps
 # Timestep grids. "trailing" starts at t = T-1 and never evaluates t = 0 (Lin et al. 2023, the seed's
 # "omit step 0"); "leading" (SD 1.5, with steps_offset 1) and "linspace" (includes t = 0) for comparison.
 SPACINGS = ("trailing", "leading", "linspace")

@@ -24,7 +24,7 @@ from nas.core import limits as L
 from nas.core.errors import NasError
 from nas.core.grid import GRID_PAD, MIN_CELL, labelled_grid
 from nas.core.runfolder import portable, write_json
-from nas.sample.components import SCHEDULERS, SPACINGS, RunComponents, make_scheduler
+from nas.sample.components import LCM_MAX_STEPS, SCHEDULERS, SPACINGS, RunComponents, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class SampleSettings:
             raise NasError(
                 f"--spacing {self.spacing!r}: unknown timestep spacing (allowed: {', '.join(SPACINGS)})"
             )
+        if self.scheduler == "lcm" and self.steps > LCM_MAX_STEPS:
+            raise NasError(f"--steps {self.steps}: --scheduler lcm takes 1..{LCM_MAX_STEPS} steps "
+                           "(the distillation grid; 1-8 is what it is for)")  # fmt: skip
         from nas.deploy.choices import precision_error
         from nas.deploy.runtimes import check_runtime
 

@@ -93,7 +93,7 @@ def test_eval_bad_input_is_one_line_exit_2(sample_world, tiny_evaluator, tmp_pat
         (["--steps", "0,10"], "--steps: every step count must be in 1..1000"),
         (
             ["--evaluator", str(tiny_evaluator), "--scheduler", "pndm"],
-            "--scheduler: unknown value 'pndm' (allowed: ddim, dpmpp, euler)",
+            "--scheduler: unknown value 'pndm' (allowed: ddim, dpmpp, euler, lcm)",
         ),
         ([], "pass --evaluator"),
         (["--evaluator", str(tmp_path)], "not an evaluator folder"),

@@ -121,6 +121,6 @@ def test_export_refuses_bad_input(sample_world, tmp_path, capsys):
     assert main(["export-pipeline", str(sample_world.run_stock), "--out", str(tmp_path / "x"),
                  "--scheduler", "lms"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert "--scheduler: unknown value 'lms' (allowed: ddim, dpmpp, euler)" in err and "\n" not in err
+    assert "--scheduler: unknown value 'lms' (allowed: ddim, dpmpp, euler, lcm)" in err and "\n" not in err
     assert main(["export-pipeline", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "run folder not found" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_linspace_spacing_evaluates_t0_and_trailing_does_not(stock_components):
 
 
 def test_unknown_scheduler_and_spacing_are_refused(stock_components):
-    with pytest.raises(NasError, match=r"unknown scheduler .*allowed: ddim, dpmpp, euler"):
+    with pytest.raises(NasError, match=r"unknown scheduler .*allowed: ddim, dpmpp, euler, lcm"):
         make_scheduler("heun", stock_components.recipe)
     with pytest.raises(NasError, match="allowed: trailing"):
         SampleSettings(spacing="uniform").check()
@@ -186,7 +186,7 @@ def test_bad_input_is_one_line_exit_2(sample_world, tmp_path, capsys):
     no_weights.mkdir()
     shutil.copy(sample_world.run_stock / "config.yaml", no_weights / "config.yaml")
     out = ["--out", str(tmp_path / "o")]
-    assert "--scheduler: unknown value 'plms' (allowed: ddim, dpmpp, euler)" in _run_error(
+    assert "--scheduler: unknown value 'plms' (allowed: ddim, dpmpp, euler, lcm)" in _run_error(
         ["sample", run, "--scheduler", "plms", *out], capsys
     )
     assert "--steps: Input should be greater than or equal to 1" in _run_error(
