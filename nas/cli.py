@@ -28,7 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("nas.commands.report", "plots and a summary table of a study"),
     "run": ("nas.pipeline.command", "run an experiment end to end (stages cached and resumable)"),
     "train": ("nas.commands.train", "train a U-Net on a latent cache (recipe presets, EMA, resume)"),
-    "data": ("nas.commands.data", "write the embedded shapes dataset; train its evaluator"),
+    "data": (
+        "nas.commands.data",
+        "write the embedded shapes dataset; train an evaluator (shapes, or any cache)",
+    ),
     "vae": ("nas.commands.vae", "train a small AutoencoderKL for low-resolution data"),
     "precompute": ("nas.commands.precompute", "encode a dataset once into a resumable latent cache"),
     "sample": ("nas.commands.sample", "draw images from a trained run (PNG, JSON sidecars, grid)"),
