@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning Ope
 import torch
 
 from nas.core.errors import NasError
-from nas.cost.measure import example_inputs
+from nas.cost.measure import example_inputs, guidance_input
 from nas.deploy.runtimes import RUNTIMES, wrap_unet
 from nas.space import build_unet, load_arch
 
@@ -68,13 +68,22 @@ def time_models(
     return times
 
 
+def with_guidance(models: dict, arch, batch: int) -> dict:
+    """Each model called with the arch's `timestep_cond` (a guidance-embedded student; the exported
+    ONNX graphs need it), or as is."""
+    from functools import partial
+
+    cond = guidance_input(arch, batch)
+    return models if cond is None else {name: partial(m, timestep_cond=cond) for name, m in models.items()}
+
+
 def time_arms(
     arch, arms, device: str = "cpu", batch: int = 2, warmup: int = 2, rounds: int = 3, iters: int = 5
 ) -> dict[str, list[float]]:
     """Forward milliseconds per arm ("runtime precision" -> list) of one architecture: `wrap_arms`
     then `time_models`. An arm that cannot run here is printed as skipped with the reason."""
     inputs = example_inputs(arch, batch)
-    models = wrap_arms(arch, arms, device)
+    models = with_guidance(wrap_arms(arch, arms, device), arch, batch)
     times = time_models({name: (m, inputs) for name, m in models.items()}, device, warmup, rounds, iters)
     return {str(name): t for name, t in times.items()}
 

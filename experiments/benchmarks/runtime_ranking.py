@@ -34,7 +34,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: spinning Ope
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-from bench_runtimes import time_arms, time_models, wrap_arms  # experiments/benchmarks/ is sys.path[0]
+from bench_runtimes import (  # experiments/benchmarks/ is sys.path[0]
+    time_arms,
+    time_models,
+    with_guidance,
+    wrap_arms,
+)
 from scipy.stats import kendalltau, spearmanr
 from tqdm.auto import tqdm
 
@@ -87,7 +92,7 @@ def main() -> None:
         entries: dict[Hashable, tuple] = {}
         for i, arch in enumerate(archs):
             inputs = example_inputs(arch, 2)
-            for arm, model in wrap_arms(arch, all_arms).items():
+            for arm, model in with_guidance(wrap_arms(arch, all_arms), arch, 2).items():
                 entries[i, arm] = (model, inputs)
         times = time_models(entries, "cpu", args.warmup, args.rounds, args.iters)
         for i, arch in enumerate(archs):

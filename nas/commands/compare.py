@@ -69,5 +69,11 @@ def run(settings: Settings) -> int:
         device=settings.device,
         progress=not settings.quiet,
     )
+    from nas.sample.timing import split_line
+
+    for tag, cost in summary["cost"].items():
+        print(f"{tag}: {split_line(cost)}")
+    a, b = summary["cost"]["A"]["images_per_s"], summary["cost"]["B"]["images_per_s"]
+    print(f"B/A end-to-end images/s: {b / a:.2f}x (one process, A then B)")
     print(f"wrote {summary['pairs']} pairs to {out / 'index.html'}; open it in a browser")
     return 0

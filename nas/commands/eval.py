@@ -49,6 +49,7 @@ SETTINGS = Settings
 
 def run(settings: Settings) -> int:
     from nas.evaluate.quality import evaluate_run
+    from nas.sample.timing import split_line
 
     steps_list = settings.steps
     sampling = settings.sample_settings(steps_list[-1])
@@ -82,6 +83,8 @@ def run(settings: Settings) -> int:
         print(
             f"{row['steps']:>4} steps: {', '.join(parts)}, rmse to {steps_list[-1]} steps {row['rmse_to_max']:.4f}"
         )
+        if "split" in row:
+            print(f"           {split_line(row['split'])}")
     ref = report["reference"]
     if "real_alignment" in ref:
         retrieval = ref.get("retrieval")

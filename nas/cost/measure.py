@@ -197,7 +197,9 @@ class Forward:
     as asked, with its example inputs; `time_ms()` runs and times one forward (CUDA events on GPU).
     Kept across measurements where one model is timed again and again (a search's baseline).
     `runtime` (nas.deploy.runtimes.RUNTIMES key): the U-Net wrapped at `precision` and called with
-    fp32 inputs as a sampler calls it; `dtype`, `channels_last` and `compile` are then the precision's."""
+    fp32 inputs as a sampler calls it; `dtype`, `channels_last` and `compile` are then the precision's.
+    An arch with a guidance embedding is called with `timestep_cond` (guidance_input), as LCM sampling
+    calls it, on every runtime."""
 
     def __init__(
         self,
@@ -228,6 +230,8 @@ class Forward:
         if dtype != "fp32":
             model = model.to(DTYPES[dtype])
         inputs = example_inputs(arch, batch, tokens, device=dev, dtype=DTYPES[dtype])
+        cond = guidance_input(arch, batch, device=dev, dtype=DTYPES[dtype])  # as a sampler passes it
+        self.kwargs: dict[str, Any] = {} if cond is None else {"timestep_cond": cond}
         if channels_last:
             # nn.Module.to takes memory_format at run time (torch docs); its typed overloads omit it.
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -247,7 +251,7 @@ class Forward:
 
     def __call__(self) -> None:
         with torch.inference_mode():
-            self.run(*self.inputs)
+            self.run(*self.inputs, **self.kwargs)
 
     def time_ms(self) -> float:
         """One forward, in milliseconds of wall time (CUDA events on GPU)."""
@@ -255,12 +259,12 @@ class Forward:
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                self.run(*self.inputs)
+                self.run(*self.inputs, **self.kwargs)
                 end.record()
                 torch.cuda.synchronize(self.device)
                 return start.elapsed_time(end)
             t0 = time.perf_counter()
-            self.run(*self.inputs)
+            self.run(*self.inputs, **self.kwargs)
             return (time.perf_counter() - t0) * 1000
 
     def peak_memory_mb(self) -> float:

@@ -4,6 +4,8 @@ Graph inputs (all float32):
   sample                 [B, C, H, W]  latents (C = in_channels, H = W = sample_size)
   timestep               [B]           diffusion timestep per latent (a scalar is broadcast by the caller)
   encoder_hidden_states  [B, L, D]     text embeddings (D = cross_attention_dim; L dynamic)
+  timestep_cond          [B, G]        the guidance embedding (nas/models/guidance.py; G =
+                                       time_cond_proj_dim), only for a U-Net whose config sets it
 Output: out_sample [B, C, H, W], the U-Net's prediction (noise, v or x0, as trained).
 B is dynamic with --batch-dynamic (the runtimes always export it so), else fixed at the traced batch.
 
@@ -26,6 +28,7 @@ from nas.core.errors import NasError
 from nas.deploy.choices import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
+GUIDANCE_INPUT = "timestep_cond"  # the fourth input, exactly when the config has time_cond_proj_dim
 OUTPUT_NAMES = ("out_sample",)
 # Largest |ORT - eager| allowed on U-Net outputs of unit scale: fp32 reassociation in fused kernels
 # measured 1e-6 on the tiny test U-Nets; 1e-4 leaves room for deep SD-size graphs.
@@ -39,36 +42,65 @@ def timesteps_1d(timestep, batch: int) -> torch.Tensor:
     return t.reshape(1).expand(batch).contiguous() if t.ndim == 0 else t
 
 
-def onnx_feed(sample, timestep, encoder_hidden_states, names=None) -> dict[str, np.ndarray]:
-    """The exported graph's inputs (INPUT_NAMES) as float32 numpy arrays, only
-    those in `names` when given: the exporter drops an input the graph never reads (a U-Net without
-    any attention layer has no `encoder_hidden_states`), and the runtimes refuse unknown inputs."""
+def guidance_dim(config) -> int | None:
+    """The U-Net's guidance-embedding width (time_cond_proj_dim), None without one."""
+    return getattr(config, "time_cond_proj_dim", None)
+
+
+def input_names(config) -> tuple[str, ...]:
+    """The graph's inputs for a U-Net config: INPUT_NAMES, plus GUIDANCE_INPUT with a guidance embedding."""
+    return (*INPUT_NAMES, GUIDANCE_INPUT) if guidance_dim(config) is not None else INPUT_NAMES
+
+
+def onnx_feed(
+    sample, timestep, encoder_hidden_states, names=None, timestep_cond=None
+) -> dict[str, np.ndarray]:
+    """The exported graph's inputs (INPUT_NAMES, and GUIDANCE_INPUT when `timestep_cond` is given) as
+    float32 numpy arrays, only those in `names` when given: the exporter drops an input the graph never
+    reads (a U-Net without any attention layer has no `encoder_hidden_states`), and the runtimes refuse
+    unknown inputs."""
     x = sample.detach().to("cpu", torch.float32).contiguous()
     text = encoder_hidden_states.detach().to("cpu", torch.float32).contiguous()
     t = timesteps_1d(timestep, x.shape[0])
     feed = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": text.numpy()}
+    if timestep_cond is not None:
+        feed[GUIDANCE_INPUT] = timestep_cond.detach().to("cpu", torch.float32).contiguous().numpy()
     return feed if names is None else {k: v for k, v in feed.items() if k in names}
 
 
 class _Forward(torch.nn.Module):
-    """The U-Net's (sample, timestep, text) -> tensor forward, as torch.onnx traces it."""
+    """The U-Net's (sample, timestep, text[, timestep_cond]) -> tensor forward, as torch.onnx traces it."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        out = self.unet(
+            sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False
+        )
+        return out[0]
+
+
+# Guidance weights w the example inputs embed (spread over LCM's usual guidance scales 2..9, w =
+# scale - 1), so a traced or checked cond_proj sees a realistic, per-sample input.
+EXAMPLE_W = (1.0, 8.0)
 
 
 def example_inputs(config, batch: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Fixed (sample, timestep, text) for a U-Net config: seeded normals, timesteps spread over 0..999."""
+    """Fixed (sample, timestep, text) for a U-Net config: seeded normals, timesteps spread over 0..999;
+    with a guidance embedding also timestep_cond, w spread over EXAMPLE_W embedded."""
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, config.in_channels, size, size, generator=gen)
     timestep = torch.linspace(999, 1, batch)
     text = torch.randn(batch, tokens, config.cross_attention_dim, generator=gen)
-    return sample, timestep, text
+    dim = guidance_dim(config)
+    if dim is None:
+        return sample, timestep, text
+    from nas.models.guidance import guidance_embedding
+
+    return sample, timestep, text, guidance_embedding(torch.linspace(*EXAMPLE_W, batch), dim)
 
 
 def export_unet(
@@ -83,9 +115,10 @@ def export_unet(
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise NasError(f"--opset {opset}: out of range (allowed: {MIN_OPSET}..{MAX_OPSET})")
     unet = unet.to("cpu", torch.float32).eval()
+    names = input_names(unet.config)
     axes: dict[str, dict[int, str]] = {"encoder_hidden_states": {1: "tokens"}}
     if batch_dynamic:
-        for name in (*INPUT_NAMES, *OUTPUT_NAMES):
+        for name in (*names, *OUTPUT_NAMES):
             axes.setdefault(name, {})[0] = "batch"
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -94,7 +127,7 @@ def export_unet(
             _Forward(unet),
             example_inputs(unet.config, batch, tokens),
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=axes,
             opset_version=opset,
@@ -111,6 +144,7 @@ def compare_with_eager(unet, path: Path, batch: int, tokens: int) -> float:
         reference = _Forward(unet.to("cpu", torch.float32).eval())(*inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    sample, timestep, text = inputs
-    got = torch.from_numpy(session.run(None, onnx_feed(sample, timestep, text, names))[0])
+    cond = inputs[3] if len(inputs) > 3 else None  # the guidance embedding, where the U-Net has one
+    feed = onnx_feed(inputs[0], inputs[1], inputs[2], names, timestep_cond=cond)
+    got = torch.from_numpy(session.run(None, feed)[0])
     return float((got - reference).abs().max())

@@ -5,10 +5,14 @@ wrapped into a module with the U-Net's call signature, so diffusers pipelines, t
 Every wrapper takes and returns float32 tensors on the pipeline's device (`dtype` reports float32,
 so the pipeline keeps its latents, prompt embeddings and VAE decode in float32); the precision is
 internal to the runtime. Calls: `wrapper(sample [B,C,H,W], timestep (scalar or [B]),
-encoder_hidden_states [B,L,D], return_dict=False)[0]` or `.sample` with `return_dict=True`.
+encoder_hidden_states [B,L,D], timestep_cond=None, return_dict=False)[0]` or `.sample` with
+`return_dict=True`. `timestep_cond` [B, time_cond_proj_dim]: the guidance embedding of a U-Net whose
+config sets time_cond_proj_dim (diffusers' pipelines pass it then, e.g. with LCMScheduler); every
+runtime takes it, and refuses it in one line for a U-Net without one.
 
-The ONNX runtimes export the U-Net with nas.deploy.onnx (dynamic batch and token count) into a
-temporary folder that lives as long as the wrapper.
+The ONNX runtimes export the U-Net with nas.deploy.onnx (dynamic batch and token count; a
+`timestep_cond` input exactly when the config has time_cond_proj_dim) into a temporary folder that
+lives as long as the wrapper.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from nas.core.errors import NasError
 from nas.core.install import pip_install
 from nas.deploy.choices import RUNTIME_PRECISIONS
-from nas.deploy.onnx import export_unet, onnx_feed
+from nas.deploy.onnx import GUIDANCE_INPUT, export_unet, guidance_dim, onnx_feed
 
 
 def check_runtime(runtime: str, precision: str, device: str = "cpu") -> None:
@@ -83,22 +87,46 @@ class RuntimeUNet(torch.nn.Module):
     def device(self) -> torch.device:
         return self._device
 
-    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
-        # Arguments our pipelines pass as None (timestep_cond, cross_attention_kwargs, ...) are
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        *args,
+        timestep_cond=None,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        # Arguments our pipelines pass as None (cross_attention_kwargs, added_cond_kwargs, ...) are
         # accepted; any other conditioning would be silently dropped by an exported graph.
         extra = [k for k, v in kwargs.items() if v is not None]
         extra += [f"positional {i + 4}" for i, a in enumerate(args) if a is not None]
         if extra:
             raise NasError(f"runtime {self.name}: U-Net inputs {extra} are not supported")
-        out = self._run(sample, timestep, encoder_hidden_states).to(sample.device, torch.float32)
+        if timestep_cond is not None and guidance_dim(self.config) is None:
+            raise NasError(
+                f"runtime {self.name}: timestep_cond given, but this U-Net has no guidance embedding "
+                "(its config's time_cond_proj_dim is null); call it without timestep_cond"
+            )
+        out = self._run(sample, timestep, encoder_hidden_states, timestep_cond)
+        out = out.to(sample.device, torch.float32)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _graph_inputs(self, names: set[str], timestep_cond) -> None:
+        """NasError where the exported graph takes the guidance embedding and the caller gave none."""
+        if GUIDANCE_INPUT in names and timestep_cond is None:
+            raise NasError(
+                f"runtime {self.name}: this U-Net has a guidance embedding (time_cond_proj_dim "
+                f"{guidance_dim(self.config)}) and its exported graph needs timestep_cond: the pipeline must "
+                "pass it (diffusers' pipelines do, e.g. nas sample --scheduler lcm; or export a U-Net without one)"
+            )
 
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> compute dtype of the PyTorch runtimes
@@ -133,14 +161,15 @@ class EagerUNet(RuntimeUNet):
     def _prepare(self, unet):
         return unet
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond=None) -> torch.Tensor:
         x = sample.to(self._device, self.compute_dtype)
         if self.precision == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         text = encoder_hidden_states.to(self._device, self.compute_dtype)
         t = timestep.to(self._device) if torch.is_tensor(timestep) else timestep
+        cond = None if timestep_cond is None else timestep_cond.to(self._device, self.compute_dtype)
         with torch.inference_mode():
-            return self.model(x, t, text, return_dict=False)[0]
+            return self.model(x, t, text, timestep_cond=cond, return_dict=False)[0]
 
 
 class CompiledUNet(EagerUNet):
@@ -157,7 +186,9 @@ class CompiledUNet(EagerUNet):
 class CudaGraphUNet(CompiledUNet):
     """torch.compile(mode="reduce-overhead"): inductor kernels replayed as CUDA graphs, which removes
     the per-kernel launch cost that dominates small U-Nets and small batches on a GPU. CUDA only.
-    A replay overwrites the previous call's output buffer, so every output is cloned."""
+    A replay overwrites the previous call's output buffer, so every output is cloned. Inputs, the
+    guidance embedding `timestep_cond` among them, are copied into the graph's static input buffers
+    by torch.compile's CUDA-graph trees on every replay (a call with and one without it are two graphs)."""
 
     name = "cudagraphs"
     precisions = RUNTIME_PRECISIONS["cudagraphs"]
@@ -171,8 +202,8 @@ class CudaGraphUNet(CompiledUNet):
     def _prepare(self, unet):
         return torch.compile(unet, mode="reduce-overhead")
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-        return super()._run(sample, timestep, encoder_hidden_states).clone()
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond=None) -> torch.Tensor:
+        return super()._run(sample, timestep, encoder_hidden_states, timestep_cond).clone()
 
 
 def export_to_temp(unet, tokens: int) -> tuple[tempfile.TemporaryDirectory, Path]:
@@ -237,9 +268,10 @@ class OnnxRuntimeUNet(RuntimeUNet):
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.path = path
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond=None) -> torch.Tensor:
         names = {i.name for i in self.session.get_inputs()}
-        feed = onnx_feed(sample, timestep, encoder_hidden_states, names)
+        self._graph_inputs(names, timestep_cond)
+        feed = onnx_feed(sample, timestep, encoder_hidden_states, names, timestep_cond)
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
@@ -269,9 +301,10 @@ class OpenVinoUNet(RuntimeUNet):
         }
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
 
-    def _run(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+    def _run(self, sample, timestep, encoder_hidden_states, timestep_cond=None) -> torch.Tensor:
         names = {name for port in self.compiled.inputs for name in port.get_names()}
-        result = self.compiled(onnx_feed(sample, timestep, encoder_hidden_states, names))
+        self._graph_inputs(names, timestep_cond)
+        result = self.compiled(onnx_feed(sample, timestep, encoder_hidden_states, names, timestep_cond))
         return torch.from_numpy(np.asarray(result[0]).copy())
 
 

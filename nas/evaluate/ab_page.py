@@ -36,19 +36,23 @@ def _render_run(run, jobs, settings, out: Path, tag: str, weights: str, device: 
 
     from nas.sample.components import load_run
     from nas.sample.generate import build_pipeline, generate, to_uint8
+    from nas.sample.timing import StageClock
 
     components = load_run(run, weights=weights, device=device)
     pipe = build_pipeline(
         components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
     )
+    clock = StageClock()  # images/s and the text encoder / U-Net / VAE split, in this process
     pixels = to_uint8(
-        generate(components, pipe, [(p, s) for p, s, _ in jobs], settings, progress, f"model {tag.upper()}")
+        generate(
+            components, pipe, [(p, s) for p, s, _ in jobs], settings, progress, f"model {tag.upper()}", clock
+        )
     )
     for (_, _, name), image in zip(jobs, pixels):
         Image.fromarray(image).save(out / "images" / f"{tag}_{name}.png")
     info = {"run": portable(run), "weights": components.weights, "model_sha256": components.model_sha256,
             "steps": settings.steps, "scheduler": settings.scheduler, "guidance": settings.guidance,
-            "runtime": settings.runtime, "precision": settings.precision}  # fmt: skip
+            "runtime": settings.runtime, "precision": settings.precision, "cost": clock.report()}  # fmt: skip
     del components, pipe
     gc.collect()  # one model in memory at a time
     return info
@@ -85,6 +89,8 @@ def build_compare(
         "A": _render_run(run_a, jobs, settings_a, out, "a", weights, device, progress),
         "B": _render_run(run_b, jobs, settings_b, out, "b", weights, device, progress),
     }
+    # timings vary run to run: kept out of the page (and its id), reported in compare.json
+    cost = {tag: models[tag].pop("cost") for tag in models}
     order = random.Random(page_seed)
     pairs = []
     for k, (prompt, image_seed, name) in enumerate(jobs):
@@ -97,7 +103,7 @@ def build_compare(
     write_text(out / "index.html", render_page(data))
     write_json(out / "key.json", {p["pair"]: p["left_model"] for p in pairs})
     summary = {"page": page_id, "models": models, "prompts": prompts, "images_per_prompt": n, "seed": seed,
-               "page_seed": page_seed, "pairs": len(pairs)}  # fmt: skip
+               "page_seed": page_seed, "pairs": len(pairs), "cost": cost}  # fmt: skip
     write_json(out / "compare.json", summary)
     return summary
 

@@ -25,7 +25,6 @@ Inception weights, a run on other data is refused in one line before any work.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +164,7 @@ def quality_vs_steps(
     from dataclasses import replace
 
     from nas.sample.generate import generate, image_grid, to_uint8
+    from nas.sample.timing import StageClock
 
     if scorers is None:
         if evaluator is None:
@@ -178,16 +178,20 @@ def quality_vs_steps(
         reference.update(scorer.reference(eval_set, recon))
     rows, images_by_steps = [], {}
     for steps in steps_list:
-        start = time.perf_counter()
-        floats = generate(components, pipe, jobs, replace(settings, steps=steps), progress, f"{steps} steps")
-        seconds = time.perf_counter() - start
+        clock = StageClock()
+        floats = generate(
+            components, pipe, jobs, replace(settings, steps=steps), progress, f"{steps} steps", clock
+        )
+        split = clock.report()  # end to end: text encoder, U-Net calls, VAE decode, the rest
         pixels = to_uint8(floats)  # scored as saved: 8-bit, like the real images
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
         images_by_steps[steps] = images
         row: dict[str, Any] = {"steps": steps}
         for scorer in scorers:
             row.update(scorer.score(images, eval_set))
-        row.update(seconds=round(seconds, 2), images_per_s=round(len(jobs) / seconds, 3))
+        row.update(
+            seconds=round(split["seconds"], 2), images_per_s=round(split["images_per_s"], 3), split=split
+        )
         rows.append(row)
         if grid_dir is not None:
             from PIL import Image

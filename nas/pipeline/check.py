@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nas.core.errors import NasError
 from nas.core.settings import CommandSettings, input_fields
+
+if TYPE_CHECKING:  # the schema only; experiment.py does not import this module
+    from nas.pipeline.experiment import Experiment
 
 
 def _file(value: str, settings: CommandSettings) -> None:
@@ -116,3 +120,47 @@ def check_inputs(settings: CommandSettings, produced: Path, where: Callable[[str
             CHECKS[kind](str(value), settings)
         except NasError as exc:
             raise NasError(f"{where(name)}: {exc}") from None
+
+
+def check_few_step(exp: Experiment, exp_path: Path) -> None:
+    """The few_step: section against the rest of the plan, before the first stage: a teacher to
+    distil from, a distill: section of the consistency kind without what nas run sets, step counts
+    the LCM scheduler samples, and an evaluation to share (the evaluate stage's evaluator, n, seed)."""
+    fs, where = exp.few_step, f"{exp_path}: few_step"
+    if fs is None or fs.skip:
+        return
+    from nas.core.config import validate
+    from nas.pipeline.few_step import SET_BY_RUN, embeds_guidance
+    from nas.sample.components import LCM_MAX_STEPS, SCHEDULERS
+    from nas.space.distill import CONSISTENCY_KEYS, DistillConfig
+
+    if fs.teacher == "teacher" and exp.teacher is None:
+        raise NasError(f"{where}.teacher: 'teacher' distils the experiment's teacher: U-Net, and this file has "
+                       "no teacher: section (add one, with path or train), or write teacher: trained")  # fmt: skip
+    allowed = ("init", *CONSISTENCY_KEYS)
+    for key in fs.distill:
+        if key in SET_BY_RUN:
+            raise NasError(
+                f"{where}.distill.{key}: set by nas run (kind: consistency, teacher: from few_step.teacher)"
+            )
+        if key not in allowed:
+            raise NasError(f"{where}.distill.{key}: unknown key (allowed: {', '.join(allowed)})")
+    validate(DistillConfig, {"teacher": "-", "kind": "consistency", **fs.distill}, f"{where}.distill")
+    if not fs.steps:
+        return
+    far = [s for s in fs.steps if s > LCM_MAX_STEPS]
+    if far:
+        raise NasError(f"{where}.steps: {far[0]}: --scheduler lcm samples 1..{LCM_MAX_STEPS} steps "
+                       "(the distillation grid; 1-8 is what a few-step student is for)")  # fmt: skip
+    grid = SCHEDULERS["lcm"][1]["original_inference_steps"]
+    if fs.distill.get("num_ddim_timesteps", grid) != grid:
+        raise NasError(f"{where}.distill.num_ddim_timesteps: {fs.distill['num_ddim_timesteps']}: nas eval's lcm "
+                       f"scheduler samples on the {grid}-point grid; keep {grid}, or write few_step.steps: [] "
+                       "to train only")  # fmt: skip
+    if exp.skipped("evaluate"):
+        raise NasError(f"{where}.steps: the few-step evaluation shares the evaluate stage's evaluator, n and "
+                       "seed, and evaluate: {skip: true}; run evaluate, or write few_step.steps: [] to train "
+                       "the student only")  # fmt: skip
+    if not embeds_guidance(fs) and fs.guidance != 1:
+        raise NasError(f"{where}.guidance: {fs.guidance:g}: a student without a guidance embedding "
+                       "(distill.guidance_embedding: false) has its guidance distilled in; set guidance: 1")  # fmt: skip

@@ -1,5 +1,5 @@
 """Run an experiment end to end: data -> VAE -> precompute -> (evaluator) -> (teacher) -> search -> export
--> train -> sample -> evaluate -> (variants) -> report, each stage in RESULTS/<experiment>/<stage>/. A
+-> train -> sample -> evaluate -> (few_step) -> (variants) -> report, each stage in RESULTS/<experiment>/<stage>/. A
 rerun skips stages whose inputs are unchanged and resumes an interrupted one; --from STAGE redoes
 from there; `skip: true` leaves out a stage after train. The whole plan (every stage's settings,
 every file it reads) is checked before the first stage runs."""

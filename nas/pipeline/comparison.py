@@ -1,6 +1,8 @@
 """The comparison of the `variants` stage: one table of every run's cost and quality against steps,
 the seed's three figures (per-step speedup, steps to match the baseline, combined speedup) and the
-ablation table. Writes variants/comparison.{json,md,png}.
+ablation table. Writes variants/comparison.{json,md,png}. And the few_step stage's table
+(`few_step_rows`): the evaluate stage's rows beside the few-step student's, with U-Net calls per
+image and images/s; few_step/comparison.{json,md}.
 
 Matching is strict and on the figures as measured: the candidate matches the baseline at the
 fewest evaluated steps whose alignment is at least the baseline's at `match_steps` (and, reported
@@ -313,3 +315,59 @@ def _plot_grids(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- the few_step stage's rows -----------------------------------------------------------------
+
+SPLIT_PARTS = ("text_encoder", "unet", "vae_decode")  # nas/sample/timing.py's parts, when a row has them
+
+
+def _unet_calls(row: dict[str, Any], guidance: float, embedded: bool) -> float:
+    """U-Net evaluations per image: as measured (the row's split) where the report has it, else
+    steps x 2 with classifier-free guidance, steps x 1 for a guidance-embedded student or guidance 1."""
+    measured = (row.get("split") or {}).get("unet_evals_per_image")
+    if measured is not None:
+        return float(measured)
+    return float(row["steps"] * (1 if embedded or guidance <= 1 else 2))
+
+
+def few_step_rows(main: dict[str, Any] | None, student: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated step count: the evaluate stage's (`main`: its eval.json, None when it
+    was skipped), then the few-step student's (few_step/eval/eval.json): quality, U-Net calls per
+    image, images/s and, where the report splits it, seconds in text encoder / U-Net / VAE decode."""
+    rows = []
+    for name, report, embedded in (("main", main, False), ("few_step", student, True)):
+        if report is None:
+            continue
+        for r in report["results"]:
+            row: dict[str, Any] = {"run": name, "scheduler": report["scheduler"], "steps": r["steps"],
+                                   "guidance": report["guidance"],
+                                   "unet_calls_per_image": _unet_calls(r, report["guidance"], embedded)}  # fmt: skip
+            row.update(
+                {k: r[k] for k in ("alignment", "chance_alignment", "frechet_distance", "fid") if k in r}
+            )
+            row.update({k: r[k] for k in ("seconds", "images_per_s") if k in r})
+            split = r.get("split") or {}
+            seconds = {part: split.get(f"{part}_s", split.get(part)) for part in SPLIT_PARTS}
+            if all(isinstance(v, int | float) for v in seconds.values()):
+                row["split_s"] = seconds
+            rows.append(row)
+    return rows
+
+
+def write_few_step(rows: list[dict[str, Any]], folder: Path) -> None:
+    """few_step/comparison.{json,md}: the table of few_step_rows."""
+    write_json(folder / "comparison.json", {"rows": rows})
+    labels = {"main": "main (train stage)", "few_step": "few-step student"}
+    lines = ["| run | scheduler | steps | guidance | U-Net calls / image | alignment | Frechet distance "
+             "| images/s | s: text encoder / U-Net / VAE decode |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        split = r.get("split_s")
+        parts = " / ".join(f"{split[p]:.2f}" for p in SPLIT_PARTS) if split else "-"
+        lines.append(f"| {labels[r['run']]} | {r['scheduler']} | {r['steps']} | {r['guidance']:g} | "
+                     f"{r['unet_calls_per_image']:g} | {_fmt(r.get('alignment'), '.3f')} | "
+                     f"{_fmt(r.get('frechet_distance'), '.1f')} | {_fmt(r.get('images_per_s'), '.2f')} | {parts} |")  # fmt: skip
+    lines += ["", "U-Net calls per image: steps x 2 with classifier-free guidance, steps x 1 for the "
+              "guidance-embedded student (measured where the evaluation recorded it)."]  # fmt: skip
+    write_text(folder / "comparison.md", "\n".join(lines) + "\n")

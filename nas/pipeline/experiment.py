@@ -2,8 +2,9 @@
 lists every key). Paths are relative to the experiment file; `args:` maps and `data.evaluator`
 are extra flags of the stage's `nas` command, checked against that command's settings.
 
-Stages after `train` (sample, evaluate, variants, report) can be left out with `skip: true`; every
-stage up to `train` makes the model and cannot be."""
+Stages after `train` (sample, evaluate, few_step, variants, report) can be left out with `skip: true`;
+every stage up to `train` makes the model and cannot be. `few_step` and `variants` run only when
+the file has their section."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from nas.commands.search import Backend
 from nas.core import limits as L
 from nas.core.config import Strict
+from nas.pipeline.few_step import FewStepStage
 from nas.pipeline.variants import VariantsStage
 from nas.search.settings import MAX_TRIALS, MAX_WORKERS, SamplerName
 
@@ -29,17 +31,20 @@ StageName = Literal[
     "train",
     "sample",
     "evaluate",
+    "few_step",  # only with a few_step: section (a consistency-distilled student, nas/pipeline/few_step.py)
     "variants",
     "report",
 ]
 STAGES: tuple[str, ...] = typing.get_args(StageName)  # in order; `nas run --from` choices
-SKIPPABLE = ("sample", "evaluate", "variants", "report")  # `skip: true`; the others make the model
+# `skip: true`; the others make the model
+SKIPPABLE = ("sample", "evaluate", "few_step", "variants", "report")
 # Section keys left out of the stage fingerprints, so that files without them keep theirs: `skip`
 # (a skipped stage has no fingerprint), evaluate.evaluator and evaluate.args (hashed through the
 # command's flags, and the evaluator folder's listing).
 NOT_HASHED = {
     "sample": {"skip"},
     "evaluate": {"skip", "evaluator", "args"},
+    "few_step": {"skip"},
     "variants": {"skip"},
     "report": {"skip"},
 }
@@ -157,6 +162,7 @@ class Experiment(Strict):
     train: TrainStage = TrainStage()
     sample: SampleStage = SampleStage()
     evaluate: EvaluateStage = EvaluateStage()
+    few_step: FewStepStage | None = None  # null: no few-step student
     variants: VariantsStage | None = None  # more runs beside the main one, and their comparison
     report: ReportStage = ReportStage()
 

@@ -9,7 +9,8 @@ does exactly what the documented commands do; every stage's settings and every f
 the resolved settings, the content of the files it reads (space, train config, prompts) and the
 fingerprints of the stages it depends on: a rerun skips a stage whose fingerprint is unchanged and
 finished, redoes one whose inputs changed (and everything after it), and resumes one that was
-interrupted (precompute, search and train continue from what they saved; the others start over).
+interrupted (precompute, search, train and few_step continue from what they saved; the others
+start over).
 
 Quality is measured offline with an evaluator: for `shapes` the data stage trains its classifier;
 for a folder (`data.path`) the `evaluator` stage trains one on the latent cache after precompute
@@ -29,11 +30,13 @@ from typing import Any
 from nas.core.config import read_yaml
 from nas.core.errors import NasError
 from nas.core.settings import CommandSettings, build, to_argv
-from nas.pipeline.check import check_evaluation, check_inputs
+from nas.pipeline.check import check_evaluation, check_few_step, check_inputs
 from nas.pipeline.experiment import NOT_HASHED, STAGES, Experiment
+from nas.pipeline.few_step import plan_few_step
 from nas.pipeline.variants import SEARCHED, plan_variants
 
-RESUMABLE = {"precompute", "teacher", "search", "train", "variants"}  # rerun the same command to continue
+# rerun the same command to continue
+RESUMABLE = {"precompute", "teacher", "search", "train", "few_step", "variants"}
 
 
 @dataclass
@@ -97,6 +100,7 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
     folder = {name: root / name for name in STAGES}
     stages: list[Stage] = []
     _check_skips(exp, exp_path)
+    check_few_step(exp, exp_path)
     given = exp.evaluate.evaluator and _path(base, exp.evaluate.evaluator)  # an evaluator made before
     if exp.data.shapes is not None:
         shapes_dir = folder["data"] / "shapes"
@@ -173,6 +177,9 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
                user=exp.evaluate.args, user_where="evaluate.args")  # fmt: skip
     stages.append(Stage("evaluate", [cmd], inputs=[Path(given)] if given else [], depends=["train", *made_by],
                         skip=_skip(exp, "evaluate")))  # fmt: skip
+    if exp.few_step is not None:
+        stages.append(_few_step_stage(exp, exp_path, folder["few_step"], cache, str(run), teacher, evaluator,
+                                      made_by, given, make))  # fmt: skip
     if exp.variants is not None:
         resolve = {"arch": lambda v: _path(base, v), "config": lambda v: _relative(base, v)}
         jobs = plan_variants(
@@ -208,6 +215,24 @@ def plan(exp: Experiment, exp_path: Path, results: Path) -> list[Stage]:
                 except NasError as exc:
                     raise NasError(f"{exp_path}: data.evaluator: {exc}") from None
     return stages
+
+
+def _few_step_stage(exp: Experiment, exp_path: Path, folder: Path, cache: Path, run: str, teacher: str | None,
+                    evaluator: str | None, made_by: list[str], given: str | None, make: _Builder) -> Stage:  # fmt: skip
+    """The few_step stage: its teacher is the train stage's run or the teacher stage's U-Net; its
+    evaluation (if any) reads the evaluator the evaluate stage reads."""
+    fs = exp.few_step
+    assert fs is not None  # plan() adds the stage only with a few_step: section
+    skip = _skip(exp, "few_step")
+    if skip:
+        return Stage("few_step", [], skip=skip)
+    source = teacher if fs.teacher == "teacher" else run
+    assert source is not None  # check_few_step: teacher: teacher needs a teacher: section
+    commands = plan_few_step(exp, exp_path.parent, folder, cache, source, evaluator, make, _relative)
+    config = Path(_relative(exp_path.parent, fs.config or exp.train.config))
+    inputs = ([config] if config.is_file() else []) + ([Path(given)] if given and fs.steps else [])
+    depends = ["export", "precompute", "teacher" if fs.teacher == "teacher" else "train"]
+    return Stage("few_step", commands, inputs=inputs, depends=depends + (made_by if fs.steps else []))
 
 
 def _shapes_evaluator_size() -> int:

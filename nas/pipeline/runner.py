@@ -53,6 +53,10 @@ KEEP = {
     "comparison.png": ("variants", "comparison.png"),
     "comparison_grids.png": ("variants", "comparison_grids.png"),
     "comparison.json": ("variants", "comparison.json"),
+    "few_step.md": ("few_step", "comparison.md"),
+    "few_step.json": ("few_step", "comparison.json"),
+    "few_step_eval.json": ("few_step", "eval/eval.json"),
+    "few_step_quality_vs_steps.png": ("few_step", "eval/quality_vs_steps.png"),
 }
 
 
@@ -93,12 +97,20 @@ def _execute(stage: Stage, folder: Path, exp_path: Path, resume: bool, exp: Expe
         write_comparison(compare(exp.variants, folder.parent), folder)
         print((folder / "comparison.md").read_text(), flush=True)
         return
+    from nas.commands.eval import Settings as EvalSettings
     from nas.commands.train import Settings as TrainSettings
 
+    if stage.name == "few_step":  # the student's architecture: the exported one, with a guidance embedding
+        from nas.pipeline.few_step import write_student_arch
+
+        write_student_arch(exp, folder.parent, folder)
     for settings in stage.commands:
         out = settings.out if isinstance(settings, TrainSettings) else None
         if resume and out and (Path(out) / CHECKPOINTS).is_dir():
             settings = settings.model_copy(update={"resume": True})
+        if resume and isinstance(settings, EvalSettings) and settings.out and Path(settings.out).exists():
+            # an evaluation that did not finish starts over (nas eval wants a new --out)
+            shutil.rmtree(settings.out)
         code = execute(settings)
         if code:
             raise NasError(
@@ -177,7 +189,9 @@ def run_experiment(
         _write_state(folder, stage, True, seconds, previous)
         timings[stage.name] = previous + seconds
         print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-    skipped = {stage.name for stage in stages if stage.skip}
+    # skipped, or not in this plan (a section removed): their folders from earlier runs are not read
+    planned = {stage.name for stage in stages if not stage.skip}
+    skipped = set(STAGES) - planned
     summary = write_summary(exp, root, timings, time.perf_counter() - started, exp_path, skipped)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"summary: {root / 'summary.json'}")
@@ -197,12 +211,16 @@ def seeds(exp: Experiment, root: Path) -> dict[str, int | None]:
     """The seed of every stage that draws random numbers, as the stages recorded them where they did."""
     train_env = read_json(root / "train" / "run" / "env.json", {})
     report = {} if exp.skipped("evaluate") else read_json(root / "evaluate" / "eval" / "eval.json", {})
+    few_step = {}  # only with the stage: the run.json of other experiments stays as it was
+    if exp.few_step is not None and not exp.skipped("few_step"):
+        few_step = {"few_step": read_json(root / "few_step" / "run" / "env.json", {}).get("seed")}
     return {
         "data": exp.data.shapes.seed if exp.data.shapes else None,  # the shapes generator's
         "search": exp.search.seed,  # the sampler's (worker k uses seed + k)
         "train": train_env.get("seed"),  # the training config's: init, data order, noise
         "sample": None if exp.skipped("sample") else exp.sample.seed,
         "evaluate": report.get("seed"),  # prompts and starting noise of the quality figures
+        **few_step,  # the few-step student's training (its evaluation: the evaluate seed)
     }
 
 
@@ -240,6 +258,17 @@ def write_summary(
             if "fid" in row:
                 summary[f"fid_{steps}_steps"] = row["fid"]
         summary["real_image_alignment"] = report.get("reference", {}).get("real_alignment")
+    student = None if "few_step" in skipped else read_json(root / "few_step" / "eval" / "eval.json")
+    if student is not None:  # the few-step rows beside the evaluate stage's (few_step/comparison.*)
+        from nas.pipeline.comparison import few_step_rows, write_few_step
+
+        rows = few_step_rows(report, student)
+        write_few_step(rows, root / "few_step")
+        summary["few_step_comparison"] = rows
+        for row in rows:
+            if row["run"] == "few_step" and "alignment" in row:
+                summary[f"few_step_alignment_{row['steps']}_steps"] = row["alignment"]
+                summary[f"few_step_domain_fid_{row['steps']}_steps"] = row["frechet_distance"]
     comparison = None if "variants" in skipped else read_json(root / "variants" / "comparison.json")
     if comparison is not None:
         summary.update(comparison.get("compare", {}))
@@ -269,6 +298,8 @@ def keep_results(root: Path, skipped: set[str] | frozenset[str] = frozenset()) -
     their absolute paths made relative (to results/<experiment>/, else to the repository root)."""
     for name, (stage, file) in KEEP.items():
         source = root / stage / file
+        if stage in skipped:  # as _leave_out: the summary reports only this plan's figures
+            (root / name).unlink(missing_ok=True)
         if stage in skipped or not source.is_file():
             continue
         if source.suffix == ".json":

@@ -25,6 +25,7 @@ from nas.core.errors import NasError
 from nas.core.grid import GRID_PAD, MIN_CELL, labelled_grid
 from nas.core.runfolder import portable, write_json
 from nas.sample.components import LCM_MAX_STEPS, SCHEDULERS, SPACINGS, RunComponents, make_scheduler
+from nas.sample.timing import StageClock
 
 
 @dataclass(frozen=True)
@@ -139,18 +140,25 @@ def generate(
     settings: SampleSettings,
     progress: bool = True,
     desc: str = "sample",
+    clock: StageClock | None = None,
 ) -> np.ndarray:
-    """Images of `jobs` ((prompt, seed) pairs) as float32 [N, H, W, 3] in [0, 1], in job order."""
+    """Images of `jobs` ((prompt, seed) pairs) as float32 [N, H, W, 3] in [0, 1], in job order.
+    `clock`: accumulate the text encoder / U-Net / VAE decode split of this call's time into it."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
     settings.check()
     te = components.text_encoder
     size = components.resolution
+    device = components.empty_text.device
     images = []
-    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    timed = clock.attached(pipe, device) if clock is not None else nullcontext()
+    with timed, tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(jobs), settings.batch_size):
             batch = jobs[start : start + settings.batch_size]
-            prompt_embeds, _ = te.encode([prompt for prompt, _ in batch])
+            with clock.part("text_encoder", device) if clock is not None else nullcontext():
+                prompt_embeds, _ = te.encode([prompt for prompt, _ in batch])
             negative = components.empty_text[None].expand(len(batch), -1, -1).to(prompt_embeds)
             out = pipe(
                 prompt_embeds=prompt_embeds,
@@ -164,6 +172,8 @@ def generate(
             )
             images.append(out.images.astype(np.float32))
             bar.update(len(batch))
+            if clock is not None:
+                clock.images += len(batch)
     return np.concatenate(images)
 
 

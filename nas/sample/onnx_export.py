@@ -1,5 +1,6 @@
 """`nas export-onnx`: the U-Net of a run, diffusers U-Net or pipeline folder as OUT/unet.onnx, checked
-against eager PyTorch with ONNX Runtime, and OUT/export.json (shapes, check, versions). The export of a
+against eager PyTorch with ONNX Runtime, and OUT/export.json (shapes, check, versions). A U-Net with a
+guidance embedding (time_cond_proj_dim) gets a fourth input, timestep_cond [B, time_cond_proj_dim]. The export of a
 module itself is nas/deploy/onnx.py."""
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from nas.deploy.onnx import (
     DEFAULT_OPSET,
     DEFAULT_TOKENS,
     FP32_TOLERANCE,
+    GUIDANCE_INPUT,
     compare_with_eager,
     export_unet,
+    guidance_dim,
 )
 from nas.models.load import find_unet, load_unet
 
@@ -60,6 +63,13 @@ def export_folder(
     size = unet.config.sample_size
     channels, dim = unet.config.in_channels, unet.config.cross_attention_dim
     b = "B" if batch_dynamic else batch
+    inputs: dict[str, list] = {
+        "sample": [b, channels, size, size],
+        "timestep": [b],
+        "encoder_hidden_states": [b, "L", dim],
+    }
+    if guidance_dim(unet.config) is not None:  # the guidance embedding (LCM students)
+        inputs[GUIDANCE_INPUT] = [b, guidance_dim(unet.config)]
     report = {
         "source": str(source),
         "source_kind": kind,
@@ -67,11 +77,7 @@ def export_folder(
         "file": path.name,
         "opset": opset,
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-        "inputs": {
-            "sample": [b, channels, size, size],
-            "timestep": [b],
-            "encoder_hidden_states": [b, "L", dim],
-        },
+        "inputs": inputs,
         "outputs": {"out_sample": [b, channels, size, size]},
         "traced_tokens": tokens,
         "batch_dynamic": batch_dynamic,

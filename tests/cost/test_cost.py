@@ -154,9 +154,22 @@ def test_load_from_other_processes_is_measured_and_warned(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "fp32",
+        # Measured on an H200 (2026-12-04, eager, batch 2, 64x64): sd15 28.8 ms, decidiffusion_v1
+        # 30.9 ms in fp16. In eager fp16 at batch 2 both are launch-bound and the DeciDiffusion layout
+        # runs more, smaller kernels; its fewer MACs pay off in fp32 (passed there). The seed's 1.4x
+        # was measured with its own runtime; docs/cost.md has the figures.
+        pytest.param(
+            "fp16",
+            marks=pytest.mark.xfail(reason="eager fp16 batch 2 on an H200: launch-bound", strict=False),
+        ),
+    ],
+)
 def test_gpu_latency_sd15_vs_decidiffusion(dtype):
-    """Measured on a GPU: the DeciDiffusion layout is faster per step than SD 1.5."""
+    """Measured on a GPU: the DeciDiffusion layout is faster per step than SD 1.5 (fp32)."""
     results = {}
     for name in ("sd15", "decidiffusion_v1"):
         arch = load_arch(ARCHS / f"{name}.yaml")

@@ -56,6 +56,12 @@ def test_page_pairs_every_prompt_and_seed_of_both_models_in_random_order(page):
     data = _embedded((out / "index.html").read_text())
     pairs = data["pairs"]
     assert len(pairs) == summary["pairs"] == 6
+    # cost per model (3 and 2 CFG steps): in compare.json, not in the page (its id stays reproducible)
+    assert (
+        summary["cost"]["A"]["unet_evals_per_image"] == 6
+        and summary["cost"]["B"]["unet_evals_per_image"] == 4
+    )
+    assert summary["cost"]["A"]["images"] == 6 and "cost" not in data["models"]["A"]
     assert [(p["prompt"], p["seed"]) for p in pairs] == [(q, s) for q in PROMPTS for s in (0, 1)]
     sides = [p["left_model"] for p in pairs]
     assert set(sides) == {"A", "B"}  # both orders occur (page_seed 1)

@@ -64,7 +64,10 @@ def test_nas_eval_writes_quality_against_steps(sample_world, tiny_evaluator, tmp
             row["chance_by_attribute"]
         )
         assert np.isfinite(row["frechet_distance"]) and row["frechet_distance"] >= 0
-        assert row["images_per_s"] > 0
+        assert row["images_per_s"] > 0 and row["split"]["images_per_s"] == pytest.approx(
+            row["images_per_s"], abs=1e-3
+        )
+        assert row["split"]["unet_evals_per_image"] == 2 * row["steps"]  # CFG: 2 per step
     assert rows[-1]["rmse_to_max"] == 0 and rows[0]["rmse_to_max"] > 0  # 2 steps differ from 4
     ref = report["reference"]
     assert 0 <= ref["real_alignment"] <= 1 and ref["fd_real_floor"] >= 0
@@ -72,7 +75,7 @@ def test_nas_eval_writes_quality_against_steps(sample_world, tiny_evaluator, tmp
     assert Image.open(out / "quality_vs_steps.png").size[0] > 500
     assert (out / "grid_002.png").is_file() and (out / "grid_004.png").is_file()
     printed = capsys.readouterr().out
-    assert "   2 steps: alignment" in printed and "chance" in printed
+    assert "   2 steps: alignment" in printed and "chance" in printed and "images/s; text encoder" in printed
 
 
 def test_same_seeds_give_the_same_numbers(sample_world, tiny_evaluator, tmp_path):

@@ -207,7 +207,7 @@ REFUSED = [  # (case, experiment changes, what the one line says)
     ("evaluate null", {"evaluate": None}, "evaluate: Value error, null is not a setting; to leave the stage out "
      "write `evaluate: {skip: true}`"),
     ("skip train", {"train": {"skip": True}}, "train: Value error, train cannot be skipped: every stage up to "
-     "train makes the model (skip: true is for sample, evaluate, variants, report)"),
+     "train makes the model (skip: true is for sample, evaluate, few_step, variants, report)"),
     ("skip typo", {"evaluate": {"skipp": True}}, "evaluate.skipp: unknown key"),
     ("variants need evaluate", {"evaluate": {"skip": True}, "variants": {"runs": [{"name": "raw", "reuse": "main"}]}},
      "evaluate.skip: the variants stage compares against the main run's evaluation"),
