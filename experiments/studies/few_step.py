@@ -78,10 +78,10 @@ def train_run(run: Path, arch: Path, cache: str, steps: int, sets: list[str], lo
     return time.perf_counter() - t0
 
 
-def consistency_sets(args, teacher: Path, seed: int) -> list[str]:
+def consistency_sets(args, teacher: Path, seed: int, steps: int) -> list[str]:
     return [
         f"seed={seed}", f"lr={args.lcm_lr}", "cfg_drop=0.0", "ema=null", "warmup_steps=20",
-        f"checkpoint_every={args.lcm_steps // 2}", f"val_every={max(args.lcm_steps // 20, 1)}",
+        f"checkpoint_every={steps // 2}", f"val_every={max(steps // 20, 1)}",
         f"distill={{kind: consistency, teacher: {teacher.resolve()}, init: inherit, "
         f"w_min: {args.w_min}, w_max: {args.w_max}}}",
     ]  # fmt: skip
@@ -106,13 +106,14 @@ def train(args) -> None:
                 f"distill={{teacher: {teacher.resolve()}, init: inherit}}"]  # fmt: skip
         timing.setdefault(run.name, train_run(run, SEARCHED_ARCH, args.cache, args.distill_steps, sets, log))
         lcm = out / "runs" / f"searched_lcm-s{seed}"
-        sets = consistency_sets(args, run, seed)
+        sets = consistency_sets(args, run, seed, args.lcm_steps)
         timing.setdefault(lcm.name, train_run(lcm, searched_lcm_arch, args.cache, args.lcm_steps, sets, log))
 
     def teacher_lcm(seed: int) -> None:
         run = out / "runs" / f"teacher_lcm-s{seed}"
-        sets = consistency_sets(args, teacher, seed)
-        timing.setdefault(run.name, train_run(run, teacher_lcm_arch, args.cache, args.lcm_steps, sets, log))
+        steps = args.teacher_lcm_steps or args.lcm_steps
+        sets = consistency_sets(args, teacher, seed, steps)
+        timing.setdefault(run.name, train_run(run, teacher_lcm_arch, args.cache, steps, sets, log))
 
     jobs = [] if args.skip_teacher_lcm else [(teacher_lcm, s) for s in (args.teacher_lcm_seeds or args.seeds)]
     jobs += [(searched_then_lcm, s) for s in args.seeds]  # after the longest (teacher-sized) runs
@@ -127,6 +128,7 @@ def train(args) -> None:
 
 CFG_STEPS = [10, 20, 30, 50]
 LCM_STEPS = [1, 2, 4, 8]
+DEFAULT_GUIDANCE = 7.5  # nas eval's default; rows at another guidance are labelled name@gG
 
 
 def row_runs(out: Path) -> dict[str, list[Path]]:
@@ -155,8 +157,10 @@ def evaluate(args) -> None:
     rows = load_rows(out)
     quality = rows.setdefault("quality", {})
     for name, runs in row_runs(out).items():
+        if args.rows and name not in args.rows:
+            continue
         for run in runs:
-            key = f"{name}/{run.name}"
+            key = f"{name}/{run.name}" + ("" if args.guidance == DEFAULT_GUIDANCE else f"@g{args.guidance:g}")
             if key in quality:
                 continue
             report = run_eval(args, run, lcm=name.endswith("_lcm"))
@@ -278,22 +282,25 @@ def report(args) -> None:
     table: dict[tuple[str, int], dict] = {}
     for q in quality.values():
         for steps, m in q["results"].items():
-            entry = table.setdefault((q["row"], int(steps)), {"alignment": [], "fd": []})
+            row = q["row"] if q["guidance"] == DEFAULT_GUIDANCE else f"{q['row']}@g{q['guidance']:g}"
+            entry = table.setdefault((row, int(steps)), {"alignment": [], "fd": []})
             entry["alignment"].append(m["alignment"])
             entry["fd"].append(m["fd"])
     lines = ["| row | steps | seeds | alignment | Frechet distance | U-Net evals/image | U-Net MACs/image | "
              "images/s | text enc. / U-Net / VAE / other |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     summary: dict[str, dict] = {}
-    for (name, steps), entry in sorted(table.items(), key=lambda kv: (list(runs).index(kv[0][0]), kv[0][1])):
-        evals = steps * (1 if name.endswith("_lcm") else 2)
+    order = lambda kv: (list(runs).index(kv[0][0].split("@")[0]), kv[0][0], kv[0][1])  # noqa: E731
+    for (name, steps), entry in sorted(table.items(), key=order):
+        base = name.split("@")[0]  # the row's runs (name@gG: the same runs at guidance G)
+        evals = steps * (1 if base.endswith("_lcm") else 2)
         sp = speed_rows.get(f"{name}@{steps}")
         ips = f"{sp['images_per_s']:.2f}" if sp else "-"
         split = (" / ".join(f"{100 * sp[f'{k}_share']:.0f}%" for k in ("text_encoder", "unet", "vae_decode", "other"))
                  if sp else "-")  # fmt: skip
         lines.append(f"| {name} | {steps} | {len(entry['alignment'])} | {_stat(entry['alignment'])} | "
-                     f"{_stat(entry['fd'])} | {evals} | {evals * macs[name] / 1e6:,.0f}M | {ips} | {split} |")  # fmt: skip
+                     f"{_stat(entry['fd'])} | {evals} | {evals * macs[base] / 1e6:,.0f}M | {ips} | {split} |")  # fmt: skip
         summary[f"{name}@{steps}"] = {"alignment": statistics.mean(entry["alignment"]),
-                                      "fd": statistics.mean(entry["fd"]), "macs": evals * macs[name],
+                                      "fd": statistics.mean(entry["fd"]), "macs": evals * macs[base],
                                       "images_per_s": sp and sp["images_per_s"]}  # fmt: skip
     rows["summary"] = summary
     save_rows(out, rows)
@@ -358,6 +365,7 @@ def main() -> None:
     p.add_argument("--w-max", type=float, default=15.0)
     p.add_argument("--jobs", type=int, default=6)
     p.add_argument("--skip-teacher-lcm", action="store_true")
+    p.add_argument("--teacher-lcm-steps", type=int, help="default: --lcm-steps")
     p.add_argument(
         "--teacher-lcm-seeds", type=int, nargs="+", help="default: --seeds (it costs ~4x a searched run)"
     )
@@ -366,7 +374,8 @@ def main() -> None:
     p.add_argument("--evaluator", required=True)
     p.add_argument("--out", default="results/few_step")
     p.add_argument("--n", type=int, default=100)  # images per step count (nas eval's default)
-    p.add_argument("--guidance", type=float, default=7.5)  # nas eval's default; LCM rows embed w = 6.5
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)  # LCM rows embed w = 6.5
+    p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p = sub.add_parser("speed")
     p.add_argument("--out", default="results/few_step")
     p.add_argument("--prompts", type=int, default=8)
