@@ -25,42 +25,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported as a module too (tests)
+from inherit_distill import load_rows, save_rows  # the study scripts' rows.json
 
 ROOT = Path(__file__).resolve().parents[2]
 NAS = [sys.executable, "-m", "nas"]
 TEACHER_ARCH = ROOT / "search_spaces/archs/quickstart_baseline.yaml"
 SEARCHED_ARCH = ROOT / "results/quickstart/arch.yaml"
 EXTRA: list[str] = []  # --set overrides for every run
-GUIDANCE_DIM = 256  # LCM's time_cond_proj_dim (w embedding width)
-
-
-def load_rows(out: Path) -> dict:
-    path = out / "rows.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_rows(out: Path, rows: dict) -> None:
-    tmp = out / "rows.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, out / "rows.json")
 
 
 def with_guidance(arch: Path, out: Path) -> Path:
-    """`arch` with settings.time_cond_proj_dim (a w-conditioned student of the same layout)."""
-    data = yaml.safe_load(arch.read_text())
-    data["name"] = f"{data['name']}-lcm"
-    data.setdefault("settings", {})["time_cond_proj_dim"] = GUIDANCE_DIM
-    path = out / "archs" / f"{data['name']}.yaml"
+    """OUT/archs/NAME-lcm.yaml: `arch` with a guidance embedding, as `nas run`'s few_step stage makes
+    its student (nas.pipeline.few_step.guidance_student)."""
+    from nas.core.runfolder import write_yaml
+    from nas.pipeline.few_step import guidance_student
+    from nas.space import load_arch
+
+    student = guidance_student(load_arch(arch))
+    path = out / "archs" / f"{student.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_yaml(path, student)
     return path
 
 

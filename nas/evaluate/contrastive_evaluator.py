@@ -19,7 +19,6 @@ validation retrieval is reported. Weights are safetensors + JSON, never a pickle
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -32,9 +31,9 @@ from torch import nn
 from nas.core.config import Strict
 from nas.core.errors import NasError
 from nas.core.runfolder import atomic_path, write_json
+from nas.evaluate.folder import CONFIG, WEIGHTS, load_weights, read_config
 
 KIND = "contrastive"  # evaluator.json's "kind"
-WEIGHTS, CONFIG = "evaluator.safetensors", "evaluator.json"  # the shapes evaluator's file names
 DEFAULT_K = 8  # prompts each image is ranked among, its own included: chance 1/8 = 0.125
 TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # nas.data.cache.TEXT_DTYPES
 
@@ -353,21 +352,13 @@ def save_evaluator(
 
 def load_evaluator(path: str | Path) -> ContrastiveEvaluator:
     """A contrastive evaluator saved by `nas data train-evaluator --cache` (never unpickles)."""
-    from safetensors.torch import load_file
-
     from nas.core.config import validate
 
     path = Path(path)
-    doc = json.loads((path / CONFIG).read_text())
+    doc = read_config(path)
     config = validate(ContrastiveConfig, doc.get("config"), f"{path / CONFIG}: config")
     text = doc.get("text")
     if not isinstance(text, dict) or not isinstance(text.get("text_dim"), int):
         raise NasError(f"{path / CONFIG}: text: missing or without text_dim; retrain the evaluator")
-    model = ContrastiveModel(config, text["text_dim"])
-    try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
-    except RuntimeError as exc:
-        raise NasError(
-            f"{path / WEIGHTS}: weights do not fit the config ({str(exc).splitlines()[0]})"
-        ) from None
+    model = load_weights(ContrastiveModel(config, text["text_dim"]), path)
     return ContrastiveEvaluator(model, config, text, doc.get("metrics"))

@@ -7,28 +7,20 @@ folders written before kinds existed have no "kind" and are this one) and "contr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nas.core.errors import NasError
+from nas.evaluate.folder import CONFIG, read_config
 
-CONFIG, WEIGHTS = "evaluator.json", "evaluator.safetensors"
 KINDS = ("shapes", "contrastive")
 
 
 def evaluator_kind(path: str | Path) -> str:
     """The kind in DIR/evaluator.json; NasError if DIR is not an evaluator folder."""
-    path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise NasError(f"{path}: not an evaluator folder (needs {CONFIG} and {WEIGHTS}; "
-                       "make one with `nas data train-evaluator`)")  # fmt: skip
-    try:
-        doc = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise NasError(f"{path / CONFIG}: not valid JSON ({exc.msg})") from None
-    kind = doc.get("kind", "shapes") if isinstance(doc, dict) else None
+    doc = read_config(path)
+    kind = doc.get("kind", "shapes")
     if kind not in KINDS:
-        raise NasError(f"{path / CONFIG}: kind {kind!r} (allowed: {', '.join(KINDS)})")
+        raise NasError(f"{Path(path) / CONFIG}: kind {kind!r} (allowed: {', '.join(KINDS)})")
     return kind
 
 

@@ -10,7 +10,6 @@ seen. Weights are safetensors + JSON config, never a pickle.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from nas.core.config import Strict
 from nas.core.errors import NasError
 from nas.core.runfolder import atomic_path, write_json
 from nas.data import shapes
+from nas.evaluate.folder import CONFIG, WEIGHTS, load_weights, read_config
 
-WEIGHTS, CONFIG = "evaluator.safetensors", "evaluator.json"
 CELLS = len(shapes.POSITION_NAMES)
 N_SHAPE = len(shapes.SHAPES) + 1  # class 0 = empty cell
 N_COLOUR, N_SIZE, N_BG = len(shapes.COLOURS), len(shapes.SIZES), len(shapes.BACKGROUNDS)
@@ -311,28 +310,15 @@ def save_evaluator(evaluator: Evaluator, out: str | Path) -> None:
 
 def load_evaluator(path: str | Path) -> Evaluator:
     """An evaluator saved by `nas data train-evaluator` (evaluator.json + evaluator.safetensors)."""
-    from safetensors.torch import load_file
-
     from nas.core.config import validate
 
     path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise NasError(f"{path}: not an evaluator folder (needs {CONFIG} and {WEIGHTS})")
-    try:
-        doc = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise NasError(f"{path / CONFIG}: not valid JSON ({exc.msg})") from None
+    doc = read_config(path)
     if doc.get("kind", "shapes") != "shapes":
         raise NasError(f"{path / CONFIG}: a {doc.get('kind')!r} evaluator, not a shapes one "
                        "(nas.evaluate.evaluators.load_evaluator opens every kind)")  # fmt: skip
     config = validate(EvaluatorConfig, doc.get("config"), f"{path / CONFIG}: config")
     if doc.get("vocabulary", {}).get("shapes") != list(shapes.SHAPES):
         raise NasError(f"{path / CONFIG}: trained for another shapes vocabulary; retrain the evaluator")
-    model = ShapesClassifier(config)
-    try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
-    except RuntimeError as exc:
-        raise NasError(
-            f"{path / WEIGHTS}: weights do not fit the config ({str(exc).splitlines()[0]})"
-        ) from None
+    model = load_weights(ShapesClassifier(config), path)
     return Evaluator(model, config, doc.get("metrics"))

@@ -103,10 +103,15 @@ def write_student_arch(exp, root: Path, folder: Path) -> Path:
     from nas.core.runfolder import write_yaml
     from nas.space import load_arch
 
-    arch = load_arch(root / "export" / ARCH)
-    settings = arch.settings
-    if embeds_guidance(exp.few_step) and settings.time_cond_proj_dim is None:
-        settings = settings.model_copy(update={"time_cond_proj_dim": GUIDANCE_EMBEDDING_DIM})
-    student = arch.model_copy(update={"name": f"{arch.name}-lcm", "settings": settings})
+    student = guidance_student(load_arch(root / "export" / ARCH), embeds_guidance(exp.few_step))
     write_yaml(folder / ARCH, student)
     return folder / ARCH
+
+
+def guidance_student(arch, embed: bool = True):
+    """The few-step student of `arch` (an Arch): the same layout named NAME-lcm, with a guidance
+    embedding of GUIDANCE_EMBEDDING_DIM where it has none and `embed` asks for one."""
+    settings = arch.settings
+    if embed and settings.time_cond_proj_dim is None:
+        settings = settings.model_copy(update={"time_cond_proj_dim": GUIDANCE_EMBEDDING_DIM})
+    return arch.model_copy(update={"name": f"{arch.name}-lcm", "settings": settings})
