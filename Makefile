@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default (no multi-GB CUDA download). With a GPU: make setup TORCH="torch --index-url ..."
 TORCH ?= torch==2.13.0
 
-.PHONY: setup docs demo test test-loaded test-slow test-gpu test-postgres test-ray-cluster lint clean
+.PHONY: setup docs demo test test-loaded test-slow test-gpu gpu-check test-postgres test-ray-cluster lint clean
 
 $(BIN)/nas: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,13 @@ test-ray-cluster: setup
 
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu
+
+# One run on a CUDA machine, under 8 min: U-Net latency per runtime (SD 1.5, DeciDiffusion, BK-SDM),
+# SD-size distillation steps, the decidiffusion.yaml latency table; writes results/gpu/<device>/.
+# Any python with torch (CUDA) and the project's dependencies: make gpu-check GPU_PY=python
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) experiments/benchmarks/gpu_check.py --out results/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -109,6 +109,9 @@ def write_help_pages(folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nas.core.noise import quiet_harmless
+
+    quiet_harmless()  # library warnings about nothing (each named, with its reason, in nas/core/noise.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -33,6 +33,9 @@ class Settings(Sampling):
     k: int = arg(8, "alignment by retrieval: prompts each image is ranked among, its own included (chance 1/K)",
                  ge=2, le=1000)  # fmt: skip
     out: str | None = arg(None, "output folder (default RUN/eval/<scheduler>-seed<K>)")
+    lora: str | None = arg(None, "LoRA to apply: a `lora:` run of nas train, or a folder with pytorch_lora_weights.safetensors",
+                           input="folder")  # fmt: skip
+    lora_scale: float = arg(1.0, "strength of --lora (1 = as trained, 0 = none)", ge=-10, le=10)
 
     _commas = comma_list("steps")
 
@@ -49,6 +52,7 @@ SETTINGS = Settings
 
 def run(settings: Settings) -> int:
     from nas.evaluate.quality import evaluate_run
+    from nas.sample.components import lora_choice
     from nas.sample.timing import split_line
 
     steps_list = settings.steps
@@ -69,6 +73,7 @@ def run(settings: Settings) -> int:
         weights=settings.weights,
         device=settings.device,
         progress=not settings.quiet,
+        lora=lora_choice(settings.lora, settings.lora_scale),
         clip=settings.clip,
         fid_weights=settings.fid_weights,
         k=settings.k,

@@ -33,8 +33,9 @@ class Settings(CommandSettings):
 SETTINGS = Settings
 
 
-def _plan(settings: Settings):
-    """(teacher Arch, student Arch, report) on meta models: the plan without reading weights."""
+def _plan(settings: Settings, units: list | None = None):
+    """(teacher Arch, student Arch, report) on meta models: the plan without reading weights;
+    `units` (if given) receives the plan's modules (nas.teacher.plan.Unit)."""
     import torch
 
     from nas.space import build_unet, load_arch
@@ -44,6 +45,8 @@ def _plan(settings: Settings):
     _, t_arch = teacher_arch(settings.teacher, "--teacher")
     s_arch = load_arch(settings.arch)
     the_plan = plan(t_arch, s_arch)
+    if units is not None:
+        units += the_plan.units
     shapes = {}
     for key, arch in (("t", t_arch), ("s", s_arch)):
         with torch.device("meta"):
@@ -56,7 +59,12 @@ def dry_run(settings: Settings) -> dict:
     from nas.sample.generate import check_out_folder
 
     check_out_folder(Path(settings.out))
-    return {"plan": _plan(settings)[2].summary()}
+    units: list = []
+    report = _plan(settings, units)[2]
+    # Which teacher module each student ResNet, transformer and resampler starts from ("new": an
+    # identity-initialised layer the teacher lacks): the BK-SDM rule, readable without weights.
+    mapping = [f"{u.student} <- {u.teacher or 'new'}" for u in units if u.kind != "stem"]
+    return {"plan": report.summary(), "mapping": mapping, "dropped": report.dropped, "notes": report.notes}
 
 
 def run(settings: Settings) -> int:

@@ -43,6 +43,13 @@ SETTINGS = Settings
 
 
 def run(args: Settings) -> int:
+    from nas.core.lock import exclusive
+
+    with exclusive(args.out):  # one writer per table (and its .partial; docs/reliability.md)
+        return _run(args)
+
+
+def _run(args: Settings) -> int:
     from nas.cost.table import TableSetup, summary
     from nas.cost.table_build import build_table, recalibrate
     from nas.space import load_space

@@ -62,6 +62,9 @@ class Settings(Sampling):
     n: int = arg(1, "images per prompt", ge=1, le=MAX_IMAGES)
     out: str | None = arg(None, "output folder (default RUN/samples/<scheduler>-<steps>-seed<K>)")
     steps: int = arg(30, "denoising steps", ge=1, le=MAX_STEPS)
+    lora: str | None = arg(None, "LoRA to apply: a `lora:` run of nas train, or a folder with pytorch_lora_weights.safetensors",
+                           input="folder")  # fmt: skip
+    lora_scale: float = arg(1.0, "strength of --lora (1 = as trained, 0 = none)", ge=-10, le=10)
 
 
 SETTINGS = Settings
@@ -79,6 +82,7 @@ def check_device(device: str) -> None:
 
 def run(settings: Settings) -> int:
     from nas.sample import read_prompts, sample_run
+    from nas.sample.components import lora_choice
 
     sampling = settings.sample_settings(settings.steps)
     check_device(settings.device)
@@ -99,6 +103,7 @@ def run(settings: Settings) -> int:
         weights=settings.weights,
         device=settings.device,
         progress=not settings.quiet,
+        lora=lora_choice(settings.lora, settings.lora_scale),
     )
     print(f"wrote {len(paths)} images, their JSON sidecars and grid.png to {out}")
     return 0

@@ -5,6 +5,9 @@ to resume a killed search."""
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from nas.core.settings import arg
@@ -49,11 +52,42 @@ def dry_run(settings: Settings) -> dict:
     return {"proxy_distill": distill.model_dump(mode="json") if distill is not None else None}
 
 
+def locked_paths(engine: SearchSettings) -> list[Path]:
+    """What one search writes alone (docs/reliability.md): with SQLite storage (the default), the
+    results folder and, when it lies elsewhere, the database file; the extra local workers of
+    `--workers N` share their parent's (they take none). With a server storage (PostgreSQL),
+    nothing: many commands on one study are the design, and the results folder only holds
+    metadata every worker writes alike, atomically (space.yaml, search.json, trials.csv)."""
+    from nas.search.study import worker_rank
+
+    url = engine.storage_url()
+    if not url.startswith("sqlite") or worker_rank() > 0:
+        return []
+    from sqlalchemy.engine import make_url
+
+    paths = [engine.folder]
+    database = make_url(url).database
+    if database and database != ":memory:":
+        db = Path(database).resolve()
+        if engine.folder.resolve() not in db.parents:
+            paths.insert(0, db)  # the shared one first: a refusal then takes nothing else
+    return paths
+
+
 def run(settings: Settings) -> int:
     # Before torch loads OpenMP: on a shared CPU, spinning threads made steps 10x slower (measured);
     # a search's proxy steps and latency timing share the host with everything else.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     engine = SearchSettings.model_validate(settings.model_dump(include=set(SearchSettings.model_fields)))
+    from nas.core.lock import exclusive
+
+    with ExitStack() as locks:
+        for path in locked_paths(engine):
+            locks.enter_context(exclusive(path))
+        return _run(settings, engine)
+
+
+def _run(settings: Settings, engine: SearchSettings) -> int:
     if settings.backend == "ray":
         from nas.search.ray_backend import RaySettings, run_ray_search
 
@@ -71,11 +105,16 @@ def run(settings: Settings) -> int:
             print(next_hint(engine))
         return 0
     from nas.search.interrupt import Interrupted
+    from nas.search.retry import EXIT_TEMPFAIL, StorageUnavailable, worker_id
     from nas.search.storage import finished
     from nas.search.study import run_search, worker_rank
 
     try:
         study = run_search(engine, quiet=settings.quiet)
+    except StorageUnavailable as gone:  # one line per worker; a later `nas search` resumes
+        print(f"nas search: worker {worker_id()}: {gone}; rerun the same command to resume"
+              f" when the server is back (its running trials are retried)", file=sys.stderr)  # fmt: skip
+        return EXIT_TEMPFAIL
     except Interrupted as stop:
         if worker_rank() > 0:  # an extra local worker: the search that started it speaks for it
             return stop.exit_code

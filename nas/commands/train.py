@@ -3,7 +3,8 @@
 Presets: decidiffusion (default recipe: cosine, zero terminal SNR, v-prediction, Min-SNR gamma=5,
 EMA for the last 5%), sd15 (SD 1.5's recipe), tiny (a CPU-sized run). The run folder gets the
 resolved config, the architecture, env.json, metrics.csv, loss.png, checkpoints/ and final/.
-Several GPUs: `accelerate launch --num_processes N -m nas train ...` (same code path).
+Several GPUs: `accelerate launch --multi_gpu --num_processes N -m nas train ...` or
+`torchrun --nproc_per_node N -m nas train ...` (same code path; on CPUs a gloo group).
 """
 
 from __future__ import annotations
@@ -48,13 +49,42 @@ def dry_run(settings: Settings) -> dict:
 
 
 def run(settings: Settings) -> int:
+    from nas.core.lock import exclusive
+
+    # One writer per run folder (docs/reliability.md); in a multi-process run, global rank 0's.
+    with exclusive(_run_folder(settings), distributed=True):
+        return _run(settings)
+
+
+def _run_folder(settings: Settings) -> str | None:
+    """--out, else the folder train_arch defaults to (results/train/<arch name>-<config name>);
+    None without an architecture (train_arch says so)."""
+    if settings.out is not None:
+        return settings.out
+    from nas.space import load_arch
+
+    config = resolve(settings)
+    arch = settings.arch or config.arch
+    return None if arch is None else f"results/train/{load_arch(arch).name}-{config.name}"
+
+
+def _run(settings: Settings) -> int:
+    from nas.core.lock import is_primary_rank
+    from nas.train.interrupt import TrainingInterrupted
     from nas.train.loop import train_arch
 
     config = resolve(settings)
-    result = train_arch(
-        config, settings.arch, settings.cache, out=settings.out, resume=settings.resume, quiet=settings.quiet
-    )
-    if result.run_dir is not None:
+    main = is_primary_rank()  # in a multi-process run only global rank 0 prints (and errors)
+    try:
+        result = train_arch(
+            config, settings.arch, settings.cache, out=settings.out, resume=settings.resume,
+            quiet=settings.quiet or not main,
+        )  # fmt: skip
+    except TrainingInterrupted as exc:  # the CLI prints its line once, from rank 0
+        if main:
+            raise
+        return exc.exit_code
+    if result.run_dir is not None and main:
         ema = f", EMA {result.val_loss_ema:.5f}" if result.val_loss_ema is not None else ""
         print(
             f"trained {result.step} steps: validation loss {result.val_loss:.5f}{ema}; run folder {result.run_dir}"

@@ -10,10 +10,13 @@ Layout of CACHE/:
     records.jsonl         one metadata row per cached item (caption + labels), in item order
     skipped.jsonl         one row per skipped source sample (file, line, member, reason, detail):
                           the listing's skips and every shard's, rebuilt at the end of each run
-    manifest.json         written last: its presence means the cache is complete
+    manifest.json         written last: its presence means the cache is complete; records each
+                          shard's (and empty_text's, records.jsonl's) size and sha256
 
 Every file is written to a temporary name and renamed into place, so a killed run leaves only whole
 files; rerunning the same command skips the shards that exist and ends with the same bytes.
+A shard that fails its checks (nas/data/verify.py: size, header, the checksum a previous run
+recorded) is recomputed by that rerun; `open_cache` refuses a cache whose files fail the cheap ones.
 Both posterior moments are kept (not one sample), so each read draws a fresh latent.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -35,6 +38,7 @@ from nas.core.errors import NasError
 from nas.core.runfolder import atomic_path, write_bytes, write_json
 from nas.data.folders import Source, UnreadableImage, to_tensor
 from nas.data.skips import Skips
+from nas.data.verify import check_open, damaged, file_record, needs_rewrite, recorded_files
 
 FORMAT = "nas-latent-cache/1"
 SHARD_SIZE = 1024  # source entries per shard: ~1 MB of latents at 8x8x4, ~130 MB at SD's 64x64x4
@@ -101,6 +105,7 @@ def precompute(
     batch_size: int = 64,
     shard_size: int = SHARD_SIZE,
     text_dtype: str = "float16",
+    caption_key: str = "text",
 ) -> dict:
     """Encode `source` into the cache folder `out` (resuming a killed run); return the manifest."""
     out = Path(out)
@@ -124,6 +129,12 @@ def precompute(
         "shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0),
         "shard_size": shard_size,
         "text_dtype": text_dtype,
+        # how it was encoded, so that `--repair` recomputes a shard the same way (not compared)
+        "encode": {
+            "batch_size": batch_size,
+            "device": next(vae.parameters()).device.type,
+            "caption_key": caption_key,
+        },
     }
     plan = _prepare_folder(out, plan)
     plan_sha = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
@@ -133,13 +144,22 @@ def precompute(
         stale.unlink()  # half-written by a killed run; the renamed files are whole
 
     empty = out / "empty_text.safetensors"
+    old = recorded_files(out)
+    if empty.is_file() and needs_rewrite(empty, old.get("empty_text.safetensors"), None):
+        empty.unlink()  # damaged since it was written: encode it again
     if not empty.is_file():
         hidden, mask = text_encoder.encode([""])
         _atomic_safetensors(empty, {"text": hidden[0].float().cpu(), "text_mask": mask[0].cpu()})
 
     n_shards = -(-len(source) // shard_size)
     names = [f"{k:06d}.safetensors" for k in range(n_shards)]
-    done = {k for k, name in enumerate(names) if _names_its_skips(shards / name)}
+    sums = {k: file_record(shards / name) for k, name in enumerate(names) if (shards / name).is_file()}
+    done = {
+        k
+        for k, record in sums.items()
+        if not needs_rewrite(shards / names[k], old.get(f"shards/{names[k]}"), record)
+        and _names_its_skips(shards / names[k])
+    }
     done_items = sum(min(shard_size, len(source) - k * shard_size) for k in done)
     bar = tqdm(total=len(source), initial=done_items, desc="precompute", unit="img", smoothing=0.1)
     for k in range(n_shards):
@@ -153,15 +173,14 @@ def precompute(
             # be byte-identical to uninterrupted ones.
             meta = {"nas": json.dumps({**info, "plan_sha256": plan_sha}, sort_keys=True)}
             _atomic_safetensors(shards / names[k], tensors, meta)
+            sums[k] = file_record(shards / names[k])
     bar.close()
     source.close()
-    return _finish(out, plan, names, source.skips)
+    return _finish(out, plan, names, source.skips, {f"shards/{names[k]}": sums[k] for k in sums})
 
 
 def _names_its_skips(shard: Path) -> bool:
     """A whole shard of this format: shards written before skips were named (counts only) are redone."""
-    if not shard.is_file():
-        return False
     with safe_open(str(shard), framework="pt") as handle:
         return "skips" in json.loads((handle.metadata() or {}).get("nas", "{}"))
 
@@ -236,7 +255,7 @@ def _encode_range(source, vae, text_encoder, start, stop, resolution, batch_size
     return tensors, {"records": records, "skips": skips, "range": [start, stop]}
 
 
-def _finish(out: Path, plan: dict, names: list[str], listing: Skips) -> dict:
+def _finish(out: Path, plan: dict, names: list[str], listing: Skips, sums: dict[str, dict]) -> dict:
     """Gather shard headers into records.jsonl, skipped.jsonl and manifest.json (the completion marker).
 
     skipped.jsonl is rebuilt from the listing and the shard headers on every run, so a resumed run
@@ -250,7 +269,7 @@ def _finish(out: Path, plan: dict, names: list[str], listing: Skips) -> dict:
             count = handle.get_slice("mean").get_shape()[0]
         skips.extend(Skips.from_rows(info["skips"]))
         rows.extend(info["records"])
-        shard_info.append({"file": f"shards/{name}", "count": count})
+        shard_info.append({"file": f"shards/{name}", "count": count, **sums[f"shards/{name}"]})
     skips = skips.in_order()
     write_bytes(out / SKIPPED, skips.jsonl().encode(), fsync=True)
     if not rows:
@@ -268,6 +287,7 @@ def _finish(out: Path, plan: dict, names: list[str], listing: Skips) -> dict:
         "shards": shard_info,
         "records": "records.jsonl",
         "empty_text": "empty_text.safetensors",
+        "files": {name: file_record(out / name) for name in ("empty_text.safetensors", "records.jsonl")},
     }
     _atomic_json(out / "manifest.json", manifest)
     return manifest
@@ -303,8 +323,15 @@ class LatentCache:
         if os.getpid() != self._pid:  # a DataLoader worker: open its own memory maps
             self._handles, self._pid = {}, os.getpid()
         if k not in self._handles:
-            file = str(self.path / self.manifest["shards"][k]["file"])
-            self._handles[k] = load_file(file) if self.in_memory else safe_open(file, framework="pt")
+            shard = self.manifest["shards"][k]
+            file = self.path / shard["file"]
+            if not self.in_memory:
+                self._handles[k] = safe_open(str(file), framework="pt")
+                return self._handles[k]
+            data = file.read_bytes()  # read whole anyway; sha256 adds ~1 ms per MB (cache_verify)
+            if "sha256" in shard and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise damaged(self.path, shard["file"], "checksum mismatch (bytes changed since written)")
+            self._handles[k] = load(data)
         return self._handles[k]
 
     def moments(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,8 +402,16 @@ class LatentDataset(Dataset):
 
 
 def open_cache(path: str | Path) -> LatentCache:
-    """Open a complete cache; NasError if missing, interrupted, or not a cache."""
+    """Open a complete cache; NasError if missing, interrupted, or not a cache, CacheDamaged (a
+    NasError naming the file and the repair command) if a file fails the cheap checks."""
     path = Path(path)
+    manifest = read_manifest(path)
+    check_open(path, manifest)
+    return LatentCache(path, manifest)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a complete cache, its files unchecked; NasError if there is none."""
     if not path.is_dir():
         raise NasError(f"{path}: latent cache not found (make one with `nas precompute`)")
     manifest_file = path / "manifest.json"
@@ -393,7 +428,4 @@ def open_cache(path: str | Path) -> LatentCache:
         raise NasError(f"{manifest_file}: not valid JSON ({exc.msg})") from None
     if manifest.get("format") != FORMAT:
         raise NasError(f"{manifest_file}: format {manifest.get('format')!r}, this nas reads {FORMAT!r}")
-    missing = [s["file"] for s in manifest["shards"] if not (path / s["file"]).is_file()]
-    if missing:
-        raise NasError(f"{path}: shard {missing[0]} is missing ({len(missing)} of {len(manifest['shards'])})")
-    return LatentCache(path, manifest)
+    return manifest

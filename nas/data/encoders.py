@@ -356,6 +356,8 @@ def load_text_encoder(name_or_path: str, max_length: int | None = None) -> TextE
         model_dir = tok_dir = path
         if not (path / "config.json").is_file() and (path / "text_encoder" / "config.json").is_file():
             model_dir, tok_dir = path / "text_encoder", path / "tokenizer"
+        elif path.name == "text_encoder" and not (path / "tokenizer_config.json").is_file():
+            tok_dir = path.parent / "tokenizer"  # an SD folder's text_encoder/, as a cache records it
         if not (model_dir / "config.json").is_file():
             raise NasError(f"{model_dir}: no config.json; expected a transformers text model folder")
         label = str(model_dir.resolve())

@@ -20,8 +20,12 @@ import torch
 # the ceiling of any U-Net trained on their latents): 21.4 dB -> 0.44, 24.6 dB -> 0.68, 24.75 dB
 # (the quickstart VAE) -> 0.74, 27.97 dB -> 0.87. Below 24.5 dB no measured VAE kept a ceiling of 0.68.
 USABLE_PSNR_DB = 24.5
-# Optimizer steps: the quickstart's VAE, 24.75 dB on 1,583 shapes images (23.5 dB on 219: docs/data.md).
+# Optimizer steps: the quickstart's VAE, 24.75 dB on 1,583 shapes images (docs/data.md).
 MIN_STEPS = 3000
+# Below this many images 3,000 steps were not enough: on 273 shapes images (219 train + 54 held out)
+# 3,000 steps reached 23.52 dB and 6,000 reached 25.77 dB (24.66 dB at 3,500); docs/data.md.
+SMALL_DATA_IMAGES = 1500
+SMALL_DATA_STEPS = 6000
 # Beyond 6,000 images (the most a step count was measured on: 5,398): 2 passes at batch 4, 0.5 steps
 # per image; an extrapolation, not measured. Up to 6,000 images the rule gives MIN_STEPS.
 STEPS_PER_IMAGE = 0.5
@@ -35,7 +39,10 @@ def _round_up(steps: float) -> int:
 
 
 def recommended_steps(n_images: int) -> int:
-    """Steps for `n_images` images: MIN_STEPS up to 6,000 images, then 0.5 steps per image."""
+    """Steps for `n_images` images: SMALL_DATA_STEPS below SMALL_DATA_IMAGES, MIN_STEPS up to 6,000
+    images, then 0.5 steps per image."""
+    if n_images < SMALL_DATA_IMAGES:
+        return SMALL_DATA_STEPS
     return _round_up(max(MIN_STEPS, STEPS_PER_IMAGE * n_images))
 
 

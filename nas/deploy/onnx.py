@@ -14,10 +14,18 @@ about 3 s against about 35 s for the dynamo exporter on 2 CPU cores, with the sa
 (default) is the first with LayerNormalization as one op, which keeps the transformer blocks whole.
 The export is checked with onnx.checker and by running ONNX Runtime against eager PyTorch on a fixed
 input: the largest absolute difference must be within FP32_TOLERANCE, else NasError.
+
+External data: a protobuf file cannot exceed 2 GiB, and an fp32 SD 1.5 U-Net holds 3.4 GB of
+weights. A U-Net whose weights exceed `external_data_threshold` bytes is written as the graph
+(`unet.onnx`) plus one weights file beside it (`unet.onnx.data`), as
+`onnx.save_model(..., save_as_external_data=True, all_tensors_to_one_file=True)` writes them; ONNX
+Runtime and onnx.checker read the pair from the graph's path. (torch's exporter alone would write one
+file per tensor above 2 GiB.)
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +42,9 @@ OUTPUT_NAMES = ("out_sample",)
 # measured 1e-6 on the tiny test U-Nets; 1e-4 leaves room for deep SD-size graphs.
 FP32_TOLERANCE = 1e-4
 DEFAULT_TOKENS = 77  # CLIP's text length, when the source says none
+# Bytes of weights above which the export keeps them in a separate file: 1 GiB, half the 2 GiB
+# protobuf limit on one file (the graph's own nodes and attributes come on top of the weights).
+EXTERNAL_DATA_THRESHOLD = 2**30
 
 
 def timesteps_1d(timestep, batch: int) -> torch.Tensor:
@@ -103,6 +114,33 @@ def example_inputs(config, batch: int, tokens: int, seed: int = 0) -> tuple[torc
     return sample, timestep, text, guidance_embedding(torch.linspace(*EXAMPLE_W, batch), dim)
 
 
+def weights_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers an export stores as initializers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def data_path(path: Path) -> Path:
+    """The external weights file of the graph at `path` (unet.onnx -> unet.onnx.data)."""
+    return path.with_name(path.name + ".data")
+
+
+def save_external(source: Path, path: Path) -> None:
+    """The ONNX graph at `source` (its weights inline or in torch's per-tensor files) rewritten as
+    `path` plus one weights file, data_path(path)."""
+    import onnx
+
+    model = onnx.load(str(source))  # reads external tensors, if any, from beside `source`
+    data_path(path).unlink(missing_ok=True)  # save_model appends to an existing file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_path(path).name,
+    )
+
+
 def export_unet(
     unet,
     path: Path,
@@ -110,8 +148,10 @@ def export_unet(
     batch: int = 2,
     batch_dynamic: bool = True,
     opset: int = DEFAULT_OPSET,
-) -> None:
-    """Write `unet` (fp32, CPU) as an ONNX graph to `path` (see the module doc for inputs)."""
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> bool:
+    """Write `unet` (fp32, CPU) as an ONNX graph to `path` (see the module doc for inputs); with
+    weights over `external_data_threshold` bytes, they go to data_path(path). True when they did."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise NasError(f"--opset {opset}: out of range (allowed: {MIN_OPSET}..{MAX_OPSET})")
     unet = unet.to("cpu", torch.float32).eval()
@@ -121,18 +161,30 @@ def export_unet(
         for name in (*names, *OUTPUT_NAMES):
             axes.setdefault(name, {})[0] = "batch"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings on Python control flow over shapes
-        torch.onnx.export(
-            _Forward(unet),
-            example_inputs(unet.config, batch, tokens),
-            str(path),
-            input_names=list(names),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes=axes,
-            opset_version=opset,
-            dynamo=False,
-        )
+    external = weights_bytes(unet) > external_data_threshold
+
+    def export(to: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings on Python control flow over shapes
+            torch.onnx.export(
+                _Forward(unet),
+                example_inputs(unet.config, batch, tokens),
+                str(to),
+                input_names=list(names),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+
+    if not external:
+        export(path)
+        data_path(path).unlink(missing_ok=True)  # a stale weights file of an earlier, larger export
+        return False
+    with tempfile.TemporaryDirectory(prefix="nas-onnx-", dir=path.parent) as tmp:
+        export(Path(tmp) / path.name)
+        save_external(Path(tmp) / path.name, path)
+    return True
 
 
 def compare_with_eager(unet, path: Path, batch: int, tokens: int) -> float:

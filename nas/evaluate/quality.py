@@ -307,6 +307,7 @@ def evaluate_run(
     clip: str | Path | None = None,
     fid_weights: str | Path | None = None,
     k: int | None = None,
+    lora=None,
 ) -> dict:
     """`nas eval`: OUT/eval.json, OUT/quality_vs_steps.png and OUT/grid_<steps>.png; returns the report.
 
@@ -350,7 +351,7 @@ def evaluate_run(
         from nas.evaluate.local_models import InceptionFid
 
         scorers.append(sc.FidScorer(InceptionFid(fid_weights, device)))
-    components = load_run(run, weights=weights, device=device)
+    components = load_run(run, weights=weights, device=device, lora=lora)  # lora: a LoraChoice
     if evaluator is not None:
         scorers.insert(0, _evaluator_scorer(evaluator, components, k))
     eval_set = shapes_eval_set(components, n, seed) if shapes else held_out_eval_set(components, n, seed)
@@ -364,6 +365,7 @@ def evaluate_run(
     report = {
         "run": portable(run),
         "weights": components.weights,
+        "lora": components.lora,  # file, sha256 and scale of a LoRA in the U-Net (None: none)
         "model_sha256": components.model_sha256,
         "kind": scorers[0].kind,
         "prompts": eval_set.source,

@@ -11,6 +11,7 @@ seen. Weights are safetensors + JSON config, never a pickle.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +208,12 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         raise NasError(f"frechet_distance: need two [N>=2, F] feature sets, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    with warnings.catch_warnings():
+        # With fewer images than feature dimensions the covariances are rank-deficient and scipy
+        # warns that the square root "might be inaccurate"; pytorch-fid computes the same value and
+        # ignores it too. A non-finite root is handled below, as pytorch-fid does.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)  # (`disp` is deprecated since SciPy 1.16)
     if not np.isfinite(covmean).all():  # singular product: offset as pytorch-fid does
         offset = np.eye(len(s_a)) * 1e-6
         covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))

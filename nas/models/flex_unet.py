@@ -33,12 +33,21 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin, UNet2DConditionLoadersMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from torch import nn
+
+try:  # diffusers >= 0.35: attn_processors / set_attn_processor, as UNet2DConditionModel has them
+    from diffusers.models.attention import AttentionMixin
+except ImportError:  # older diffusers: no attention-processor API on this class (LoRA still works)
+
+    class AttentionMixin:  # type: ignore[no-redef]
+        pass
 
 
 class FlexBlock(nn.Module):
@@ -146,7 +155,9 @@ class FlexBlock(nn.Module):
 
 
 # diffusers' ModelMixin and ConfigMixin annotate `config_name` differently; every diffusers model has both.
-class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
+class FlexUNet2DConditionModel(  # type: ignore[misc]
+    ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLoadersMixin, PeftAdapterMixin
+):
     """Text-conditioned U-Net with per-block ResNet and transformer counts chosen independently.
 
     Per-level lists are ordered highest resolution first. `down_attention[i]` gives one transformer
@@ -154,9 +165,18 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
     ResNet (level i has `down_resnets[i] + 1` up ResNets: one per skip at that resolution);
     `mid_attention` one per mid ResNet, or None for no mid block. `single_layer_transformers` and
     `mid_block_half_resolution`: see the module doc (DeciDiffusion's U-Net-NAS).
+
+    Adapters: the mixins of diffusers' `UNet2DConditionModel` (models/unets/unet_2d_condition.py)
+    but `FromOriginalModelMixin`, whose single-file checkpoints map SD's original layout onto the
+    stock class only. So `add_adapter(LoraConfig(...))`, `load_lora_adapter`, `set_adapters`,
+    `fuse_lora`, `unload_lora` (with the `peft` package) and pipelines' `load_lora_weights` work as
+    on the stock class; the module names are the stock ones, so LoRA keys read the same.
     """
 
     _supports_gradient_checkpointing = True
+    # as UNet2DConditionModel: modules kept whole by device maps, norms kept in the compute dtype
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D"]  # type: ignore[assignment]
+    _skip_layerwise_casting_patterns = ["norm"]  # type: ignore[assignment]
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -317,8 +337,47 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
         embedding, so a guidance-distilled U-Net needs one call per step."""
         if class_labels is not None or added_cond_kwargs or down_intrablock_additional_residuals is not None:
             raise ValueError(
-                "FlexUNet2DConditionModel supports no class labels, added embeddings or adapters"
+                "FlexUNet2DConditionModel supports no class labels, added embeddings or T2I adapters"
             )
+        # A LoRA's scale rides in cross_attention_kwargs["scale"] (pipelines' `cross_attention_kwargs=
+        # {"scale": s}`); it scales the PEFT layers for this call, as the stock class's forward does.
+        lora_scale = 1.0
+        if cross_attention_kwargs and "scale" in cross_attention_kwargs:
+            cross_attention_kwargs = dict(cross_attention_kwargs)
+            lora_scale = float(cross_attention_kwargs.pop("scale"))
+        if USE_PEFT_BACKEND:
+            scale_lora_layers(self, lora_scale)
+        try:
+            out = self._unet(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                timestep_cond,
+                attention_mask,
+                cross_attention_kwargs,
+                down_block_additional_residuals,
+                mid_block_additional_residual,
+                encoder_attention_mask,
+            )
+        finally:
+            if USE_PEFT_BACKEND:
+                unscale_lora_layers(self, lora_scale)
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out)
+
+    def _unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cross_attention_kwargs: dict[str, Any] | None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None,
+        mid_block_additional_residual: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         attention_kwargs: dict[str, Any] = {}
         if cross_attention_kwargs:
             attention_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
@@ -346,10 +405,7 @@ class FlexUNet2DConditionModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
             hidden, _ = block(
                 hidden, emb, encoder_hidden_states, skips=skips, attention_kwargs=attention_kwargs
             )
-        out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
-        if not return_dict:
-            return (out,)
-        return UNet2DConditionOutput(sample=out)
+        return self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
 
 
 # save_pretrained / save_config write config.json's `auto_map` entry, naming this file's module

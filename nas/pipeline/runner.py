@@ -21,6 +21,7 @@ from typing import Any
 
 from nas.core.config import load
 from nas.core.errors import NasError
+from nas.core.lock import exclusive
 from nas.core.runfolder import (
     CHECKPOINTS,
     CONFIG,
@@ -57,6 +58,10 @@ KEEP = {
     "few_step.json": ("few_step", "comparison.json"),
     "few_step_eval.json": ("few_step", "eval/eval.json"),
     "few_step_quality_vs_steps.png": ("few_step", "eval/quality_vs_steps.png"),
+    # the VAE the stage trained (absent with vae.path: a user's VAE): is it good enough? (its verdict
+    # is in summary.json)
+    "vae_reconstructions.png": ("vae", "model/reconstructions.png"),
+    "vae_psnr.png": ("vae", "model/psnr.png"),
 }
 
 
@@ -125,7 +130,14 @@ def load_experiment(path: str | Path) -> Experiment:
 def run_experiment(
     path: str | Path, results: str | Path = "results", start: str | None = None, dry_run: bool = False
 ) -> dict:
-    """Run (or resume) an experiment file; returns the summary."""
+    """Run (or resume) an experiment file; returns the summary. One `nas run` per experiment
+    folder: results/<experiment>/ is locked for the run (docs/reliability.md); --dry-run reads."""
+    name = load_experiment(path).name
+    with exclusive(None if dry_run else Path(results) / name):
+        return _run_experiment(path, results, start, dry_run)
+
+
+def _run_experiment(path: str | Path, results: str | Path, start: str | None, dry_run: bool) -> dict:
     exp_path = Path(path)
     exp = load_experiment(exp_path)
     if start is not None and start not in STAGES:
@@ -246,6 +258,12 @@ def write_summary(
         "session_seconds": round(session_seconds, 1),  # this invocation (skipped stages cost ~0)
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    vae = read_json(root / "vae" / "model" / "vae_train.json") if exp.vae.path is None else None
+    if vae is not None:  # trained by this experiment: its verdict next to the U-Net's figures
+        summary["vae_val_psnr_db"] = vae["val_psnr_db"]
+        if "verdict" in vae:
+            summary["vae_usable"] = vae["verdict"]["usable"]
+            summary["vae_verdict"] = vae["verdict"]["line"]
     report = None if "evaluate" in skipped else read_json(root / "evaluate" / "eval" / "eval.json")
     if report is not None:
         for row in report["results"]:

@@ -5,12 +5,17 @@ and `final/unet` / `final/unet_ema` (save_pretrained folders). The VAE and text 
 the latent cache was made with; its manifest names them and their sha256, which are checked here,
 so a sampler never pairs a U-Net with encoders it was not trained on.
 
+A LoRA (`--lora DIR`: a `lora:` run of `nas train` or any diffusers LoRA folder/file) goes into the
+U-Net the way `pipe.load_lora_weights(DIR)` puts it there (diffusers' `lora_state_dict` and
+`load_lora_into_unet`), after a shape check that names the first module it does not fit.
+
 Inference schedulers are diffusers' own, configured from the run's recipe by the same
 `nas.diffusion.scheduler_config` the trainer uses (betas, zero terminal SNR, prediction type).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +82,7 @@ class RunComponents:
     cache: Any  # nas.data.cache.LatentCache
     weights: str  # "ema" or "raw"
     model_sha256: str  # sha256 of the U-Net weight files used
+    lora: dict | None = None  # the LoRA in the U-Net (file, sha256, scale), if any
 
     @property
     def resolution(self) -> int:
@@ -106,8 +112,14 @@ def _check_identity(kind: str, expected: dict, actual_sha: str, cache_path: Path
                        f"made (sha256 {actual_sha[:12]}, cache says {expected['sha256'][:12]})")  # fmt: skip
 
 
-def load_run(run: str | Path, weights: str = "auto", device: str | torch.device = "cpu") -> RunComponents:
-    """Load a trained run's U-Net (EMA by default), the cache's VAE and text encoder, and its recipe."""
+def load_run(
+    run: str | Path,
+    weights: str = "auto",
+    device: str | torch.device = "cpu",
+    lora: LoraChoice | None = None,
+) -> RunComponents:
+    """Load a trained run's U-Net (EMA by default), the cache's VAE and text encoder, and its recipe;
+    with `lora` (`lora_choice`), that LoRA in the U-Net at its scale."""
     from nas.data.cache import open_cache
     from nas.data.encoders import load_text_encoder, load_vae, vae_folder, weights_sha256
     from nas.train.data import check_compatible
@@ -145,7 +157,100 @@ def load_run(run: str | Path, weights: str = "auto", device: str | torch.device 
         weights=kind,
         model_sha256=weights_sha256(folder),
     )
+    if lora is not None:
+        components.lora = load_lora(unet, lora.path, lora.scale)
     return components.to(device)
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+LORA_ADAPTER = "lora"  # adapter name in the U-Net
+MAX_LORA_SCALE = 10.0  # |scale| bound of --lora-scale: 1 is the trained strength, > 2 rarely useful
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA to sample with: a folder holding pytorch_lora_weights.safetensors, or the file."""
+
+    path: Path
+    scale: float = 1.0  # multiplies the adapter's update (diffusers' set_adapters weight)
+
+
+def lora_file(path: str | Path) -> Path:
+    """The LoRA weights file of `--lora PATH` (a folder with pytorch_lora_weights.safetensors, or a
+    .safetensors file); one-line NasError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS
+        if not path.is_file():
+            raise NasError(f"--lora {path.parent}: no {LORA_WEIGHTS} (a `lora:` run of `nas train`, or a folder "
+                           "written by save_lora_weights)")  # fmt: skip
+        return path
+    if not path.is_file():
+        raise NasError(f"--lora {path}: not found (a LoRA folder or .safetensors file)")
+    if path.suffix != ".safetensors":
+        raise NasError(f"--lora {path}: only .safetensors LoRA files are read (no pickles)")
+    return path
+
+
+def lora_choice(path: str | Path | None, scale: float = 1.0) -> LoraChoice | None:
+    """`--lora PATH --lora-scale S` checked: the LoRA file and its scale (None without --lora)."""
+    if path is None:
+        return None
+    if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+        raise NasError(
+            f"--lora-scale {scale}: allowed -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g} (1 = as trained)"
+        )
+    return LoraChoice(lora_file(path), scale)
+
+
+def check_lora_fits(state_dict: dict[str, torch.Tensor], unet, file: Path) -> None:
+    """Every LoRA pair fits a layer of `unet` (names and shapes); NasError naming the first that does not."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if not key.startswith("unet."):
+            raise NasError(
+                f"{file}: {key}: only U-Net LoRAs are applied (keys unet.*), not text encoder ones"
+            )
+        for part, side in ((".lora_A.", "A"), (".lora_B.", "B"), (".lora.down.", "A"), (".lora.up.", "B")):
+            if part in key and key.endswith(".weight"):
+                pairs.setdefault(key[len("unet.") : key.index(part)], {})[side] = value
+    if not pairs:
+        raise NasError(f"{file}: no U-Net LoRA weights (expected keys unet.<module>.lora_A/lora_B.weight)")
+    modules = dict(unet.named_modules())
+    for name, pair in pairs.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is None:
+            raise NasError(f"{file}: a LoRA for another architecture: module {name} is not in this U-Net "
+                           f"({type(unet).__name__})")  # fmt: skip
+        a, b = pair.get("A"), pair.get("B")
+        if (a is not None and a.shape[1] != weight.shape[1]) or (
+            b is not None and b.shape[0] != weight.shape[0]
+        ):
+            got = f"{a.shape[1] if a is not None else '?'} in, {b.shape[0] if b is not None else '?'} out"
+            raise NasError(f"{file}: a LoRA for another architecture: module {name} has {weight.shape[1]} in, "
+                           f"{weight.shape[0]} out features here, the LoRA {got}")  # fmt: skip
+
+
+def load_lora(unet, path: str | Path, scale: float = 1.0) -> dict:
+    """Put a LoRA into `unet` as `pipe.load_lora_weights(path)` + `set_adapters(..., scale)` would;
+    return what was loaded (file, sha256, scale)."""
+    from diffusers import StableDiffusionPipeline
+
+    file = lora_file(path)
+    try:
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(file.parent), weight_name=file.name, return_lora_metadata=True, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise NasError(f"{file}: not a LoRA file ({str(exc).strip().splitlines()[0]})") from None
+    check_lora_fits(state_dict, unet, file)
+    StableDiffusionPipeline.load_lora_into_unet(
+        state_dict, network_alphas=alphas, unet=unet, adapter_name=LORA_ADAPTER, metadata=metadata
+    )
+    unet.set_adapters([LORA_ADAPTER], [scale])
+    return {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "scale": scale}
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> list[str] | None:

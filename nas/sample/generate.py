@@ -233,6 +233,7 @@ def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleS
         "weights": components.weights,
         "model_sha256": components.model_sha256,
         "run": portable(components.run),
+        "lora": components.lora,  # file, sha256 and scale of a LoRA in the U-Net (None: none)
     }
 
 
@@ -280,10 +281,12 @@ def sample_run(
     weights: str = "auto",
     device: str = "cpu",
     progress: bool = True,
+    lora=None,
 ) -> list[Path]:
     """`nas sample`: load the run, draw `n` images per prompt, write PNGs, sidecars and a grid.
 
-    Without prompts, the first 4 captions the trainer held out of the cache are used.
+    Without prompts, the first 4 captions the trainer held out of the cache are used. `lora`: a
+    `nas.sample.components.LoraChoice` put into the U-Net (named in every sidecar).
     """
     from nas.sample.components import held_out_captions, load_run
 
@@ -291,7 +294,7 @@ def sample_run(
     out = Path(out)
     check_out_folder(out)
     prompts = prompts or held_out_captions(run, 4)
-    components = load_run(run, weights=weights, device=device)
+    components = load_run(run, weights=weights, device=device, lora=lora)
     jobs = jobs_for(prompts, n, seed)
     pipe = build_pipeline(
         components, settings.scheduler, settings.spacing, settings.runtime, settings.precision

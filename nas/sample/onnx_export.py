@@ -15,11 +15,14 @@ from nas.core.errors import NasError
 from nas.deploy.onnx import (
     DEFAULT_OPSET,
     DEFAULT_TOKENS,
+    EXTERNAL_DATA_THRESHOLD,
     FP32_TOLERANCE,
     GUIDANCE_INPUT,
     compare_with_eager,
+    data_path,
     export_unet,
     guidance_dim,
+    weights_bytes,
 )
 from nas.models.load import find_unet, load_unet
 
@@ -45,15 +48,17 @@ def export_folder(
     opset: int = DEFAULT_OPSET,
     batch_dynamic: bool = False,
     batch: int = 2,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> dict:
-    """`nas export-onnx`: OUT/unet.onnx and OUT/export.json; NasError when the check fails."""
+    """`nas export-onnx`: OUT/unet.onnx (and OUT/unet.onnx.data with weights over
+    `external_data_threshold` bytes) and OUT/export.json; NasError when the check fails."""
     import onnx
     import onnxruntime
 
     source, out = Path(source), Path(out)
     unet, tokens, kind = load_source_unet(source)
     path = out / "unet.onnx"
-    export_unet(unet, path, tokens=tokens, batch=batch, batch_dynamic=batch_dynamic, opset=opset)
+    external = export_unet(unet, path, tokens, batch, batch_dynamic, opset, external_data_threshold)
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
@@ -75,6 +80,9 @@ def export_folder(
         "source_kind": kind,
         "model_class": type(unet).__name__,
         "file": path.name,
+        "external_data": data_path(path).name if external else None,  # the weights file beside it
+        "weights_bytes": weights_bytes(unet),
+        "external_data_threshold": external_data_threshold,
         "opset": opset,
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         "inputs": inputs,

@@ -143,15 +143,21 @@ def _latency_source(card: dict[str, Any]) -> str:
     if card["latency_source"] == "table":
         return f"predicted from latency table `{Path(card['latency_table'] or '').name}` measured on {device}"
     if card.get("latency_mode") == "relative":
-        where = (
-            "latency.reference_ms of the space"
-            if card["latency_reference_source"] == "space"
-            else "the baseline's first time measured in the search process"
-        )
+        source = card["latency_reference_source"]
+        where = {
+            "space": "latency.reference_ms of the space",
+            "shared": "the baseline timed alone by the first study under this results folder:"
+            f" {Path(card.get('latency_reference_from') or '').name}, shared by every study there",
+        }.get(source, "the baseline's first time measured in the search process")
         busy = card.get("latency_reference_cores_busy") or 0.0
+        fix = (
+            f"delete {card.get('latency_reference_from')} to time it again on a quiet machine"
+            if source == "shared"
+            else "set latency.reference_ms to compare studies"
+        )
         loaded = (
             f"; that time was taken while other processes kept {busy:.1f} CPU cores busy, and every latency"
-            " of the study scales with it: set latency.reference_ms to compare studies"
+            f" of the study scales with it: {fix}"
             if busy > BUSY_CORES_WARN
             else ""
         )
@@ -232,6 +238,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, out: str | Path, how: 
         "latency_ratio_rounds": a.get("latency_ratio_rounds"),  # median of per-round ratios (reported)
         "latency_baseline": a.get("latency_baseline"),
         "latency_reference_ms": a.get("latency_reference_ms"),
+        "latency_reference_from": a.get("latency_reference_from"),
         "latency_reference_source": a.get("latency_reference_source"),
         "latency_reference_cores_busy": a.get("latency_reference_cores_busy"),  # None: from the space
         "other_cores_busy": a.get("other_cores_busy"),  # while this trial was timed (CPU)

@@ -36,6 +36,8 @@ class Hooks:
     metrics: Callable[[dict[str, Any]], None] = lambda m: None
     report: Callable[[int, float], bool | None] = lambda step, loss: None
     zero_cost_history: Callable[[], list[float]] = list
+    # where a proxy config with `report_to` logs each trial's run (results/<study>/tracking/)
+    tracking: Path | None = None
 
 
 def proxy_config(space: Space, space_path: str | Path | None = None):
@@ -103,7 +105,9 @@ class Reference:
     forward: Any  # nas.cost.measure.Forward of the baseline
     name: str
     ms: float | None
-    source: str  # "space" (latency.reference_ms) or "measured" (first pair of this process)
+    # "space" (latency.reference_ms), "shared" (fixed by `nas search` from the file shared under
+    # --results, `shared_reference`) or "measured" (the first pair of this process)
+    source: str
     other_cores_busy: float | None = None  # during the pair that fixed `ms` (source measured)
 
 
@@ -130,8 +134,11 @@ def baseline_reference(space: Space) -> Reference | None:
             )
         arch = load_arch(path)
         forward = Forward(build_unet(arch), arch, **setup_kwargs(lat))
-        source = "space" if lat.reference_ms is not None else "measured"
-        _REFERENCES[key] = Reference(forward, arch.name, lat.reference_ms, source)
+        source = "measured" if lat.reference_ms is None else "shared" if lat.reference_from else "space"
+        busy = None  # load while a shared reference was timed (in its file)
+        if source == "shared" and lat.reference_from and Path(lat.reference_from).is_file():
+            busy = json.loads(Path(lat.reference_from).read_text()).get("other_cores_busy")
+        _REFERENCES[key] = Reference(forward, arch.name, lat.reference_ms, source, busy)
     return _REFERENCES[key]
 
 
@@ -160,6 +167,7 @@ def measure_relative(space: Space, arch: Arch, reference: Reference) -> dict[str
         "latency_baseline": reference.name,
         "latency_reference_ms": reference.ms,
         "latency_reference_source": reference.source,
+        "latency_reference_from": space.latency.reference_from,  # the shared file (source shared)
         "latency_reference_cores_busy": reference.other_cores_busy,  # None: from the space
         "latency_measured_ms_p50": pair.candidate.latency_ms_p50,  # the candidate's own time, load included
         "latency_baseline_ms_p50": pair.reference.latency_ms_p50,  # the baseline's in the same rounds
@@ -252,6 +260,7 @@ def evaluate_point(
         seed=proxy.seed,
         teacher=teacher,
         record=record,
+        tracking=hooks.tracking,
     )
     if loss is None or not math.isfinite(loss):
         raise NasError(f"architecture {arch.name}: proxy validation loss is {loss}")
@@ -295,10 +304,14 @@ class PreparedSearch:
     train_config: Any  # the proxy runs' TrainConfig
 
 
-def prepare_search(space_path: str | Path, cache_path: str | None, teacher: str | None) -> PreparedSearch:
+def prepare_search(
+    space_path: str | Path, cache_path: str | None, teacher: str | None, results: str | Path | None = None
+) -> PreparedSearch:
     """Load and check everything a search reads before any trial or storage is touched: the space,
     the latent cache (its shapes against the space's settings), the latency table (`source: table`),
-    the teacher's config (`--teacher`), the proxy training config, and that some point fits the budgets."""
+    the teacher's config (`--teacher`), the proxy training config, and that some point fits the budgets.
+    `results`: the --results folder, whose shared latency reference every study there uses
+    (`shared_reference`; None: each process fixes its own)."""
     from nas.cost.table import prepare_latency
     from nas.data.cache import open_cache
     from nas.search.teacher import prepare_distill
@@ -311,11 +324,69 @@ def prepare_search(space_path: str | Path, cache_path: str | None, teacher: str 
     check_cache(space, cache, cache_path)
     space = prepare_latency(space, space_path)  # source: table: load and check it first
     space = resolve_baselines(space, space_path)  # source: measure times trials beside the first
-    baseline_reference(space)  # built once here: a missing baseline file is refused before any trial
     space = prepare_distill(space, space_path, teacher)  # the teacher's config only
     train_config = proxy_config(space, space_path)
     check_feasible_space(space)
+    if results is not None:  # after every check: a refused search writes nothing
+        space = shared_reference(space, Path(results))
+    baseline_reference(space)  # built once here: a missing baseline file is refused before any trial
     return PreparedSearch(space, cache, train_config)
+
+
+# Under each --results folder, one reference time per (baseline, latency setup, machine), fixed by
+# the first study that needs it and read by every later one, so that latencies of studies compare
+# without setting latency.reference_ms (results/relative_latency: a fixed reference kept 5 of 5
+# U-Nets within +-10.3% across 4 loaded studies at 15 rounds; each study's own reference: 58%).
+SHARED_REFERENCES = ".latency_reference"
+
+
+def shared_reference(space: Space, results: Path) -> Space:
+    """`space` with latency.reference_ms fixed from results/.latency_reference/<key>.json, timing the
+    baseline alone (`latency.warmup` + `latency.iters` forwards) and writing the file if this is the
+    first study there. Unchanged without `reference: baseline` and baselines, or with reference_ms set."""
+    import hashlib
+    import os
+    import socket
+
+    import torch
+
+    from nas.core.runfolder import read_json, write_json
+    from nas.cost.measure import measure_setup
+    from nas.space import build_unet, load_arch
+    from nas.space.sample import canonical
+
+    lat = space.latency
+    if lat.source != "measure" or lat.reference != "baseline" or not space.baselines or lat.reference_ms:
+        return space
+    path = Path(space.baselines[0])
+    if not path.is_file():
+        return space  # baseline_reference names the missing file
+    arch = load_arch(path)
+    key = {
+        "baseline": canonical(arch),
+        "latency": lat.model_dump(mode="json", exclude={"reference_ms", "reference_from"}),
+        "machine": _device_name(lat.device),
+        "host": socket.gethostname(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    file = results / SHARED_REFERENCES / f"{arch.name}-{digest}.json"
+    if not file.is_file():
+        latency = measure_setup(build_unet(arch), arch, lat)  # warns when other processes load the CPU
+        record = {**key, "reference_ms": latency.latency_ms_p50, "rounds": lat.iters,
+                  "other_cores_busy": latency.other_cores_busy, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        file.parent.mkdir(parents=True, exist_ok=True)
+        staging = file.with_name(f".{file.name}.{os.getpid()}")
+        write_json(staging, record)
+        try:
+            os.link(staging, file)  # the first study to finish timing wins; the others read its file
+        except FileExistsError:
+            pass
+        finally:
+            staging.unlink()
+    data = read_json(file)
+    latency_setup = lat.model_copy(update={"reference_ms": data["reference_ms"], "reference_from": str(file)})
+    return space.model_copy(update={"latency": latency_setup})
 
 
 def resolve_baselines(space: Space, space_path: str | Path) -> Space:

@@ -43,12 +43,23 @@ from nas.search.objective import (
     prepare_search,
 )
 from nas.search.settings import SearchSettings
-from nas.search.storage import SAMPLERS, open_storage, open_study, space_digest, write_metadata
+from nas.search.storage import (
+    SAMPLERS,
+    arch_key,
+    find_duplicate,
+    open_storage,
+    open_study,
+    space_digest,
+    write_metadata,
+)
 from nas.space import FixedChoices, sample_arch
 
 # Result keys copied to the Optuna trial's user attributes (what export and report read).
 ATTRS = ("arch_name", "params", "macs", "attention_macs", "model_class", "latency_ms_p50",
          "latency_ms_p90", "peak_memory_mb", "other_cores_busy", "proxy_loss", "proxy_seconds", "rejected", "reason", "error", "latency_node", "train_node")  # fmt: skip
+# Config key the searcher adds to a point the study already measured: the trainable reports it
+# rejected as a duplicate at once (the Optuna engine prunes such trials the same way).
+DUPLICATE_OF = "__duplicate_of"
 
 
 @dataclass
@@ -194,6 +205,29 @@ def _searcher_class():
         export and report see the same study either way."""
 
         full_steps = 0  # proxy steps of a trial that ran to the end; set per search
+        space: Any = None  # the search space; set per search (duplicate check in `suggest`)
+        _keys: dict[int, str] | None = None  # arch_key of earlier trials by number (find_duplicate's cache)
+
+        def suggest(self, trial_id: str):
+            """OptunaSearch's point, with the architecture recorded at once and a point the study
+            already measured (or is measuring) marked `DUPLICATE_OF`: a resumed or replaying sampler
+            never spends a trial on it. Baselines are always measured."""
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if not isinstance(config, dict) or ot_trial is None or self.space is None:
+                return config
+            assert self._ot_study is not None  # OptunaSearch creates it before any trial
+            arch = sample_arch(self.space, FixedChoices(config))
+            ot_trial.set_user_attr("arch", arch.to_data())
+            if "baseline" in ot_trial.user_attrs:
+                return config
+            if self._keys is None:
+                self._keys = {}
+            same = find_duplicate(self._ot_study, ot_trial.number, arch_key(arch.to_data()), self._keys)
+            if same is None:
+                return config
+            ot_trial.set_user_attr("duplicate_of", same)
+            return {**config, DUPLICATE_OF: same}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             import optuna
@@ -255,7 +289,7 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
             f"--cpus-per-trial must be > 0 with --latency-accelerator, got {ray_settings.cpus_per_trial:g}:"
             " trials are kept off the latency node (started with --num-cpus=0) by needing CPUs"
         )
-    prepared = prepare_search(settings.space, settings.cache, settings.teacher)
+    prepared = prepare_search(settings.space, settings.cache, settings.teacher, settings.folder.parent)
     space, train_config = prepared.space, prepared.train_config
     cache_path = str(Path(prepared.cache.path).resolve())  # trials on other nodes open it by this path
     path = (settings.folder / "ray").resolve()  # the Tune experiment: path / study name
@@ -289,8 +323,14 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
     multi = len(metrics) > 1
     measure = _remote_measure(accelerator, space.latency.device)
     study_name = settings.study
+    tracking = (settings.folder / "tracking").resolve()  # proxy runs with report_to: one run per trial
 
     def trainable(config: dict[str, Any]) -> None:
+        if DUPLICATE_OF in config:  # measured already (RecordingOptunaSearch.suggest): not again
+            rejected: dict[str, Any] = {m: math.nan for m in metrics}
+            rejected.update(rejected="duplicate", reason=f"duplicate of trial {config[DUPLICATE_OF]}", step=0)
+            tune.report(rejected)
+            return
         arch = sample_arch(
             space, FixedChoices(config), name=f"{study_name}-{tune.get_context().get_trial_id()}"
         )
@@ -317,7 +357,12 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
 
         try:
             result = evaluate_point(
-                space, arch, cache, train_config, Hooks(record.update, report, list), measure=measure
+                space,
+                arch,
+                cache,
+                train_config,
+                Hooks(record.update, report, list, tracking),
+                measure=measure,
             )
         except Rejected as rejected:
             # NaN objectives never reach Optuna: RecordingOptunaSearch records the trial as pruned.
@@ -347,6 +392,7 @@ def run_ray_search(settings: SearchSettings, ray_settings: RaySettings, quiet: b
     # Baselines are already enqueued in the Optuna study; OptunaSearch's ask() picks them up first.
     searcher_class = _searcher_class()
     searcher_class.full_steps = space.proxy.steps
+    searcher_class.space = space
     searcher = searcher_class(
         space=DefineByRun(space),
         metric=metrics if multi else metrics[0],

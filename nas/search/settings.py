@@ -12,6 +12,10 @@ from nas.core.settings import CommandSettings, arg
 SamplerName = Literal["tpe", "nsga2", "random", "gp"]  # keys of nas.search.storage.SAMPLERS
 MAX_TRIALS = 100_000  # a study of more trials is a typo, not a plan (each trial trains a model)
 MAX_WORKERS = 1024  # parallel trials: local processes or Ray trials
+# seconds a lost storage server is retried: a restart (pg_ctl restart: 1-3 s here) takes seconds, a
+# managed server's failover tens (AWS documents 60-120 s for Multi-AZ RDS: raise it there); longer,
+# a scheduler rerunning the command (exit 75) wastes less than workers that hang on
+STORAGE_RETRY_S = 60.0
 
 
 class SearchSettings(CommandSettings):
@@ -34,6 +38,13 @@ class SearchSettings(CommandSettings):
         1, "parallel trials (processes sharing the storage, or Ray trials)", ge=1, le=MAX_WORKERS
     )
     results: str = arg("results", "parent folder of the study folder")
+    storage_retry_s: float = arg(
+        STORAGE_RETRY_S,
+        "server storage (PostgreSQL): seconds a lost server is retried, with backoff, before the"
+        " worker stops with exit code 75 (rerun to resume); 0: no retries",
+        ge=0,
+        le=86_400,
+    )
     teacher: str | None = arg(
         None,
         "trained U-Net folder every trial inherits from and distils from (sets the space's"

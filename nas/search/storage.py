@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 import typing
 import warnings
@@ -25,7 +24,8 @@ from sqlalchemy.exc import IntegrityError
 
 from nas.core.errors import NasError
 from nas.core.runfolder import RunFolder, environment
-from nas.search.settings import SamplerName, SearchSettings
+from nas.search.retry import RetryingStorage, worker_host, worker_id  # noqa: F401 (worker_id: re-exported)
+from nas.search.settings import STORAGE_RETRY_S, SamplerName, SearchSettings
 from nas.space import load_arch
 from nas.space.sample import arch_to_params, canonical
 from nas.space.schema import Arch, Space
@@ -102,9 +102,10 @@ def space_digest(path: str | Path, teacher: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
+def open_storage(url: str, heartbeat: bool = True, retry_s: float = STORAGE_RETRY_S) -> RDBStorage:
     """RDB storage, with heartbeats for `study.optimize` (the Ray engine asks and tells instead);
-    an unreachable or malformed URL is a NasError."""
+    an unreachable or malformed URL is a NasError. A server storage (not SQLite) rides out a
+    lost server for `retry_s` seconds (retry.py), then raises StorageUnavailable."""
     beat: dict[str, Any] = {}
     if heartbeat:
         beat = dict(
@@ -116,7 +117,9 @@ def open_storage(url: str, heartbeat: bool = True) -> RDBStorage:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     for attempt in range(5):
         try:
-            return RDBStorage(url, **beat)
+            if url.startswith("sqlite"):
+                return RDBStorage(url, **beat)
+            return RetryingStorage(url, retry_s=retry_s, grace_s=GRACE_S, **beat)
         except Exception as exc:  # sqlalchemy raises many types: connection, driver, URL syntax
             # Two processes creating a new storage at once (workers, a dashboard): the loser's
             # schema insert collides (PostgreSQL: IntegrityError; SQLite: "table ... already
@@ -135,7 +138,7 @@ def open_study(settings: SearchSettings, space: Space, storage=None) -> optuna.S
     """Create the study or load it; refuse to mix a study with another space."""
     if settings.sampler not in SAMPLERS:
         raise NasError(f"--sampler {settings.sampler}: unknown (allowed: {', '.join(SAMPLERS)})")
-    storage = storage or open_storage(settings.storage_url())
+    storage = storage or open_storage(settings.storage_url(), retry_s=settings.storage_retry_s)
     multi = len(space.objectives) > 1
     sampler = SAMPLERS[settings.sampler](settings.seed, multi)
     proxy = space.proxy
@@ -199,16 +202,6 @@ def _wait_ready(study: optuna.Study) -> str | None:
         time.sleep(0.2)
 
 
-def _host() -> str:
-    """This worker's machine, as recorded on its trials. NAS_WORKER_HOST overrides the hostname
-    where hostnames are not unique across the machines sharing a storage (e.g. containers)."""
-    return os.environ.get("NAS_WORKER_HOST") or socket.gethostname()
-
-
-def worker_id() -> str:
-    return f"{_host()}:{os.getpid()}"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -270,11 +263,11 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials started on this host by a process that no longer exists (a SIGKILLed
     search): fail them now and retry them (`retry_lost_trial`), instead of waiting GRACE_S for
     the heartbeat to go stale. Trials of live or remote workers are left to the heartbeat."""
-    host = _host()
+    host = worker_host()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        trial_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if trial_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
             study.tell(trial.number, state=TrialState.FAIL)

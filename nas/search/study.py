@@ -23,6 +23,7 @@ architecture the study already measured is not measured again (pruned as `duplic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,9 +39,11 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from nas.core.errors import NasError
+from nas.core.runfolder import atomic_path
 from nas.core.settings import to_argv
 from nas.search.interrupt import Interrupted, Interrupts
 from nas.search.objective import Hooks, Rejected, evaluate_point, prepare_search
+from nas.search.retry import StorageUnavailable
 from nas.search.settings import SearchSettings
 from nas.search.storage import (
     HEARTBEAT_S,
@@ -119,7 +122,9 @@ def make_objective(
         started.append(trial.number)
         try:
             with interrupts.allow():
-                return measure(trial, record, Hooks(record, report, zero_cost_history))
+                return measure(
+                    trial, record, Hooks(record, report, zero_cost_history, settings.folder / "tracking")
+                )
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_search retries this trial
             record({"interrupted": getattr(stop, "signal_name", "SIGINT")})
             raise
@@ -231,7 +236,8 @@ class TrialLines:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.poll()
+        with contextlib.suppress(StorageUnavailable):  # the search reports it; the lines shown stand
+            self.poll()
         self.bar.close()
 
 
@@ -257,13 +263,7 @@ def stop_search(
             child.send_signal(signum)  # a second one (the terminal's Ctrl-C reached it too) is ignored
     if study is not None and started:
         retry_interrupted_trial(study, started[-1])
-    deadline = time.monotonic() + WORKER_STOP_S
-    for child in children:
-        try:
-            child.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    wait_for_workers(children, WORKER_STOP_S)
     if study is None:
         return []
     fail_dead_local_trials(study)  # a worker killed above, mid-trial
@@ -284,16 +284,20 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
         raise NasError(f"--workers must be >= 1, got {settings.workers}")
     rank = worker_rank()
     study: optuna.Study | None = None
+    storage = None
     children: list[subprocess.Popen] = []
     started: list[int] = []  # trials this process started, the running one last
     lines: TrialLines | None = None
     with Interrupts(ignore_after=rank > 0) as interrupts:
         try:
             with interrupts.allow():  # reading the space, the cache, a teacher: safe to cut
-                prepared = prepare_search(settings.space, settings.cache, settings.teacher)
+                prepared = prepare_search(
+                    settings.space, settings.cache, settings.teacher, settings.folder.parent
+                )
             space, cache, train_config = prepared.space, prepared.cache, prepared.train_config
             settings.folder.mkdir(parents=True, exist_ok=True)
-            study = open_study(settings, space)
+            storage = open_storage(settings.storage_url(), retry_s=settings.storage_retry_s)
+            study = open_study(settings, space, storage)
             write_metadata(settings, space)
             seed_sampler(study, settings, len(space.objectives) > 1, rank)
             children = start_workers(settings)
@@ -325,6 +329,12 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
             if stop is exc:
                 raise
             raise stop from exc
+        except Exception:
+            gone = getattr(storage, "gone", None)  # a server storage lost for --storage-retry-s
+            if gone is None:
+                raise
+            wait_for_workers(children, settings.storage_retry_s + WORKER_STOP_S)  # each says so
+            raise gone from None
         finally:
             if lines is not None:
                 lines.close()
@@ -337,9 +347,23 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
     return study
 
 
+def wait_for_workers(children: list[subprocess.Popen], timeout: float) -> None:
+    """Wait (bounded) for the extra local workers to stop on their own; kill those that do not."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def export_trials_csv(study: optuna.Study, path: Path) -> None:
+    """trials.csv, replaced in one rename: the workers of a study on a server storage that share
+    a results folder each write it when they finish."""
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def load_study(study_name: str, storage: str | None = None, results: str = "results") -> optuna.Study:

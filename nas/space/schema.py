@@ -217,6 +217,9 @@ class LatencySetup(Strict):
     # the baseline's latency in ms that ratios are scaled by, e.g. from a quiet `nas inspect
     # --latency`: the same in every study; default: the first baseline time the process measures
     reference_ms: float | None = Field(None, gt=0)
+    # where reference_ms came from when `nas search` fixed it (the reference file shared by the
+    # studies under one --results folder, nas/search/objective.py `shared_reference`); not set by hand
+    reference_from: str | None = None
 
     @model_validator(mode="after")
     def _table_given(self) -> LatencySetup:

@@ -43,6 +43,8 @@ RESUMABLE_KEYS = (
     "val_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "gradient_checkpointing",
+    "report_to",
 )
 
 
@@ -54,6 +56,28 @@ class EMAConfig(Strict):
     start: float = Field(0.95, ge=0, lt=1)
     # upper bound of the decay; EMAModel ramps up to it as (1 + n) / (10 + n) over n EMA steps
     decay: float = Field(0.9999, gt=0, lt=1)
+
+
+class LoraTrainConfig(Strict):
+    """`lora:` LoRA fine-tuning of a trained run (nas/train/lora.py): the base frozen, only the adapter
+    trained; saved as diffusers' RUN/pytorch_lora_weights.safetensors. Defaults: diffusers'
+    examples/text_to_image/train_text_to_image_lora.py (`--rank 4`, lora_alpha = rank, attention
+    projections)."""
+
+    init_from: str  # the `nas train` run folder whose U-Net is fine-tuned; relative to this file
+    # LoRA rank r; at most 1280, SD 1.5's widest layer (a rank above a layer's width adds nothing)
+    rank: int = Field(4, ge=1, le=1280)
+    # lora_alpha: the update is scaled by alpha / rank; left out or null: = rank
+    alpha: float = Field(4.0, gt=0, le=1e4)
+    # module name suffixes the adapter wraps (peft's target_modules): the attention projections
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_is_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha") is None:
+            data = {**data, "alpha": data.get("rank", 4)}
+        return data
 
 
 class TrainConfig(Strict):
@@ -69,6 +93,7 @@ class TrainConfig(Strict):
     # distillation from a teacher U-Net: kind bk_sdm (nas/train/distill.py, BK-SDM) or consistency
     # (nas/train/consistency.py, LCM); null: none
     distill: DistillConfig | None = None
+    lora: LoraTrainConfig | None = None  # LoRA fine-tuning of a trained run; null: train the whole U-Net
 
     # Upper bounds: nas/core/limits.py (each with the figures of real runs it leaves room for); NaN and
     # infinity are refused in every float field (nas.core.config.Strict).
@@ -100,6 +125,13 @@ class TrainConfig(Strict):
     num_workers: int = Field(0, ge=0, le=L.MAX_WORKERS)
     # autocast: auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU (weights stay fp32)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    # recompute each block's activations in the backward pass instead of storing them: the same
+    # gradients for ~30% more time and a fraction of the activation memory (diffusers'
+    # enable_gradient_checkpointing; SD-size students at 64x64 latents on a 24 GB machine)
+    gradient_checkpointing: bool = False
+    # experiment tracking through accelerate's trackers (nas/train/tracking.py): metrics.csv's columns
+    # go to TensorBoard (RUN/tracking/) or Weights & Biases (offline without an account) as well
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
     # last N cache items, held out: never trained on
     val_items: int = Field(64, ge=1, le=L.MAX_VAL_ITEMS)
@@ -113,6 +145,17 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(1000, ge=1, le=L.MAX_STEPS)
     # newest checkpoints kept on disk
     keep_checkpoints: int = Field(2, ge=1, le=L.MAX_KEEP_CHECKPOINTS)
+
+    @model_validator(mode="after")
+    def _lora_alone(self) -> TrainConfig:
+        if self.lora is not None and self.distill is not None:
+            raise ValueError(
+                "lora: and distill: together: a LoRA run fine-tunes one trained U-Net; set distill: null"
+            )
+        if self.lora is not None and self.ema is not None:
+            raise ValueError("lora: needs ema: null (the adapter is trained without an EMA, as diffusers' "
+                             "train_text_to_image_lora.py); add ema: null or --set ema=null")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _consistency_recipe(self) -> TrainConfig:
@@ -182,6 +225,10 @@ def _absolute_paths(data: dict, folder: Path) -> dict:
     teacher = distill.get("teacher") if isinstance(distill, dict) else None
     if isinstance(distill, dict) and isinstance(teacher, str) and not Path(teacher).is_absolute():
         distill["teacher"] = str((folder / teacher).resolve())
+    lora = data.get("lora")
+    init_from = lora.get("init_from") if isinstance(lora, dict) else None
+    if isinstance(lora, dict) and isinstance(init_from, str) and not Path(init_from).is_absolute():
+        lora["init_from"] = str((folder / init_from).resolve())
     return data
 
 

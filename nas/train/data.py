@@ -3,9 +3,11 @@
 Nothing here keeps state across steps. The samples of step s are positions
 [s * global_batch, (s + 1) * global_batch) of an endless stream that visits the training items once
 per epoch in a permutation seeded by (seed, epoch); the latent draw from the stored VAE moments, the
-noise, the timesteps and the caption drop are seeded by (seed, step, micro-step, process). A run
-resumed at step s therefore sees exactly the batches an uninterrupted run sees, without saving any
-sampler state, and each process of a multi-GPU run takes its own slice of every global batch.
+noise, the timestep and the caption drop of each sample are seeded by (seed, its position in that
+stream). A run resumed at step s therefore sees exactly the batches an uninterrupted run sees,
+without saving any sampler state; each process of a multi-process run takes its own slice of every
+global batch, and N processes at batch b draw exactly the samples one process at batch N * b draws
+(tests/train/test_distributed.py compares the trained weights).
 
 The cache is duck-typed (`nas.data.cache.LatentCache`): `len(cache)`, `cache.manifest`,
 `cache.dataset(sample, generator)` returning dicts with "latents" [C,h,w] and "text" [T,D], and
@@ -80,28 +82,41 @@ class Batches:
             }
         return self._orders[epoch]
 
-    def indices(self, step: int, micro: int) -> list[int]:
+    def positions(self, step: int, micro: int) -> range:
+        """This process's positions in the stream: its slice of the micro-step's global batch."""
         batch = self.config.batch_size
         start = (step * self.config.grad_accum + micro) * batch * self.processes + self.rank * batch
+        return range(start, start + batch)
+
+    def indices(self, step: int, micro: int) -> list[int]:
         out = []
-        for position in range(start, start + batch):
+        for position in self.positions(step, micro):
             epoch, offset = divmod(position, self.train_count)
             out.append(int(self._order(epoch)[offset]))
         return out
 
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """{"latents", "text", "noise", "timesteps"} on the CPU for this process."""
-        keys = (self.seed, step, micro, self.rank)
-        self.latent_generator.manual_seed(stream_seed(*keys, _LATENT))
-        items = [self.dataset[i] for i in self.indices(step, micro)]
-        latents = torch.stack([item["latents"] for item in items]).float()
-        text = torch.stack([item["text"] for item in items]).float()
-        g = generator(*keys, _NOISE)
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, self.num_timesteps, (len(items),), generator=g)
-        drop = torch.rand(len(items), generator=g) < self.config.cfg_drop
-        text = torch.where(drop[:, None, None], self.empty_text.expand_as(text), text)
-        return {"latents": latents, "text": text, "noise": noise, "timesteps": timesteps}
+        """{"latents", "text", "noise", "timesteps"} on the CPU for this process. Every random draw
+        of a sample is seeded by its stream position alone, not by the process that draws it."""
+        latents, texts, noise, timesteps, drop = [], [], [], [], []
+        for position, index in zip(self.positions(step, micro), self.indices(step, micro)):
+            self.latent_generator.manual_seed(stream_seed(self.seed, _LATENT, position))
+            item = self.dataset[index]
+            latents.append(item["latents"])
+            texts.append(item["text"])
+            g = generator(self.seed, _NOISE, position)
+            noise.append(torch.randn(item["latents"].shape, generator=g))
+            timesteps.append(torch.randint(0, self.num_timesteps, (), generator=g))
+            drop.append(torch.rand((), generator=g) < self.config.cfg_drop)
+        text = torch.stack(texts).float()
+        dropped = torch.stack(drop)
+        text = torch.where(dropped[:, None, None], self.empty_text.expand_as(text), text)
+        return {
+            "latents": torch.stack(latents).float(),
+            "text": text,
+            "noise": torch.stack(noise),
+            "timesteps": torch.stack(timesteps),
+        }
 
 
 class StepBatches(torch.utils.data.Dataset):

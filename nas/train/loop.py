@@ -2,8 +2,10 @@
 
 `train(model, cache, config)` takes any U-Net-shaped module (forward(x, t, encoder_hidden_states)
 -> .sample) and a latent cache; `train_arch` (the CLI) and `proxy_train` (the search) build the
-U-Net from an architecture and call it. Device, autocast and multi-GPU go through accelerate's
-`Accelerator`, so `nas train ...` and `accelerate launch -m nas train ...` run the same code.
+U-Net from an architecture and call it. Device, autocast and several processes go through
+accelerate's `Accelerator` (nas/train/launch.py), so `nas train ...`, `torchrun -m nas train ...`
+and `accelerate launch --multi_gpu -m nas train ...` run the same code; rank 0 alone writes the run
+folder. Ctrl-C / SIGTERM: nas/train/interrupt.py; the session's helpers: nas/train/session.py.
 
 Per optimizer step: `grad_accum` micro-batches (latents drawn from the cached VAE moments, captions
 dropped to the empty caption with probability `cfg_drop`, uniform timesteps), the Min-SNR-weighted
@@ -17,6 +19,7 @@ updated after each optimizer step and checkpointed with the student.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,17 +30,25 @@ from typing import Any
 
 import torch
 
-from nas.core.config import read_yaml, validate
+from nas.core.config import validate
 from nas.core.errors import NasError
-from nas.core.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment, staged_folder
+from nas.core.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment
 from nas.diffusion import diffusion_loss, noise_scheduler
-from nas.models import ship_code
-from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from nas.train.config import TrainConfig, check_resumable
-from nas.train.consistency import CONSISTENCY_METRICS, Consistency, check_pair, check_teacher_recipe
+from nas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nas.train.config import TrainConfig
+from nas.train.consistency import CONSISTENCY_METRICS, Consistency, check_pair
 from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
 from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
+from nas.train.interrupt import StopSignals, checkpoint_is_fresh, interrupted
+from nas.train.launch import from_main, make_accelerator
+from nas.train.lora import add_lora, lora_arch, save_lora
 from nas.train.metrics import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
+from nas.train.session import check_arch_cache, check_consistency, evaluate, inherit_figures
+from nas.train.session import latest_hint as _latest
+from nas.train.session import prepare_run as _prepare_run
+from nas.train.session import save_final as _save_final
+from nas.train.session import to_device as _to
+from nas.train.tracking import check_report_to, open_tracking
 
 # A final validation loss above this multiple of the best one marks the run as diverged (warning,
 # summary.json). Seen: SD's recipe at a constant lr 1e-3 went from 0.085 to 0.99 at step ~1,220.
@@ -66,86 +77,6 @@ class TrainResult:
     teacher_s: float | None = None
 
 
-def make_accelerator(config: TrainConfig):
-    """Accelerator with the config's autocast; `auto`: bf16 (or fp16) on CUDA, fp32 elsewhere."""
-    from accelerate import Accelerator
-
-    precision = config.mixed_precision
-    if precision == "auto":
-        precision = "no"
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        return Accelerator(mixed_precision=precision)
-    except ValueError as exc:  # e.g. a second run in one process asking for another precision
-        raise NasError(f"mixed_precision: {exc}") from None
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model, scheduler, val_set: ValidationSet, accelerator, batch_size: int, gamma, consistency=None
-) -> float:
-    """Mean validation loss over all fixed triples (each process takes a slice, sums are reduced);
-    with `consistency` (a Consistency), its loss instead of the diffusion loss."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
-    for batch in val_set.shard(accelerator.process_index, accelerator.num_processes, batch_size):
-        b = _to(batch, accelerator.device)
-        with accelerator.autocast():
-            if consistency is not None:
-                losses = consistency.validation_losses(model, b)
-            else:
-                losses = diffusion_loss(
-                    model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
-                )
-        total += losses.sum()
-        count += len(losses)
-    model.train(was_training)
-    return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
-
-
-def _prepare_run(run: Path, config: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); NasError for a run folder misuse."""
-    if resume:
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            raise NasError(
-                f"{run}: no checkpoint to resume from in {run / 'checkpoints'}; run without --resume"
-            )
-        check_resumable(read_yaml(ckpt / "config.yaml"), config, ckpt / "config.yaml")
-        return ckpt
-    if list_checkpoints(run):
-        raise NasError(f"{run}: holds checkpoints of an earlier run; pass --resume to continue it, or --out")
-    return None
-
-
-def _latest(run: Path | None) -> str:
-    saved = latest_checkpoint(run) if run is not None else None
-    return f"{saved} (lower lr or set grad_clip, then --resume)" if saved else "none"
-
-
-def _save_final(run: Path, net, ema) -> None:
-    """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed; a
-    FlexUNet's folders also hold its code (flex_unet.py), for AutoModel without `nas`."""
-    if not hasattr(net, "save_pretrained"):
-        return
-    with staged_folder(RunFolder(run).final) as staging:
-        net.save_pretrained(staging / "unet", safe_serialization=True)
-        ship_code(type(net), staging / "unet")
-        if ema is not None:
-            ema.store(net.parameters())
-            ema.copy_to(net.parameters())
-            net.save_pretrained(staging / "unet_ema", safe_serialization=True)
-            ship_code(type(net), staging / "unet_ema")
-            ema.restore(net.parameters())
-
-
 def train(
     model: torch.nn.Module,
     cache,
@@ -157,8 +88,12 @@ def train(
     quiet: bool = False,
     arch=None,
     teacher: torch.nn.Module | None = None,
+    tracking: tuple[Path, str] | None = None,
 ) -> TrainResult:
     """Train `model` on `cache` (see nas/train/data.py for the interface); `out`: run folder or None.
+
+    `tracking`: (folder, run name) for `config.report_to` (default with `out`: OUT/tracking, the
+    folder's name; without either, nothing is tracked).
 
     `teacher`: the teacher U-Net when `config.distill` is set (train_arch / proxy_train load it and
     initialise the student from it; here it is only run, frozen, next to `model`).
@@ -168,6 +103,7 @@ def train(
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
+    check_report_to(config.report_to)
     accelerator = make_accelerator(config)
     set_seed(config.seed)  # global RNGs too (dropout, if a model has it); resumed runs restore theirs
     main = accelerator.is_main_process
@@ -189,7 +125,7 @@ def train(
     batches = Batches(cache, config, steps_t, accelerator.process_index, accelerator.num_processes)
     val_set = ValidationSet.build(cache, config, steps_t)
     run = Path(out) if out is not None else None
-    ckpt = _prepare_run(run, config, resume) if run is not None else None
+    ckpt = _prepare_run(run, config, resume, accelerator) if run is not None else None
 
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -198,6 +134,8 @@ def train(
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # type: ignore[operator]
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not passed through prepare(): accelerate would step it once per process per step.
     lr_scheduler = get_scheduler(
@@ -219,6 +157,9 @@ def train(
             )  # fmt: skip
         else:
             distiller = Distiller(teacher, config.distill, net, accelerator.device, dtype, announce)
+        # Loaded by every process and run frozen beside the student there: never inside DDP.
+        assert not isinstance(teacher, torch.nn.parallel.DistributedDataParallel), "teacher in DDP"
+        assert not any(p.requires_grad for p in teacher.parameters()), "teacher has trainable weights"
     beside = consistency.checkpointed() if consistency is not None else None  # saved with the student
 
     def validation_loss() -> float:
@@ -250,6 +191,13 @@ def train(
             columns += CONSISTENCY_METRICS if consistency is not None else DISTILL_METRICS
         metrics = MetricsLog(folder.metrics, resume_step=start if ckpt is not None else None, columns=columns)
 
+    if tracking is None and run is not None:
+        tracking = (run / "tracking", run.name)
+    tracker = None
+    if tracking is not None:
+        tracker = open_tracking(
+            config.report_to, tracking[0], tracking[1], config.model_dump(mode="json"), main
+        )
     ema_start = config.ema_start_step()
     samples_per_step = config.global_batch(accelerator.num_processes)
     bar = tqdm(
@@ -267,7 +215,12 @@ def train(
     best_val = (val_start if val_start is not None else math.inf, 0)  # lowest validation loss, its step
     pin = accelerator.device.type == "cuda"
     loader = iter(batch_loader(batches, start, config.max_steps, config.num_workers, pin))
+    # Ctrl-C / SIGTERM: finish the step, checkpoint it, stop (nas/train/interrupt.py). Not without a
+    # run folder: the search's short runs are interrupted by the search's own handlers.
+    signals = StopSignals()
     try:
+        if run is not None:
+            signals.__enter__()
         for step in range(start, config.max_steps):
             if ema_start is not None and ema is None and step >= ema_start:
                 ema = make_ema()  # starts from the current weights
@@ -288,7 +241,10 @@ def train(
                             ).mean()
                     accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach() / config.grad_accum
-            step_loss = accelerator.reduce(step_loss, "mean").item()
+            # One all-reduce for the loss and the stop flag: every process stops after the same step.
+            flag = torch.tensor(0.0 if signals.signum is None else 1.0, device=accelerator.device)
+            summed = accelerator.reduce(torch.stack([step_loss, flag]), "sum")
+            step_loss, stop_signal = summed[0].item() / accelerator.num_processes, summed[1].item() > 0
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(
                     f"step {step + 1}: training loss is {step_loss}; stopped before the update."
@@ -331,15 +287,17 @@ def train(
                     distill_time[0] += interval_time
                     distill_time[1] += extra["teacher_s"] * interval_steps
                     distill_time[2] += interval_steps
+                row = dict(
+                    loss=interval_loss / interval_steps,
+                    lr=lr_scheduler.get_last_lr()[0],
+                    samples_per_s=rate,
+                    val_loss=val_loss if val_due else None,
+                    **extra,
+                )
                 if metrics is not None:
-                    metrics.add(
-                        step=done,
-                        loss=interval_loss / interval_steps,
-                        lr=lr_scheduler.get_last_lr()[0],
-                        samples_per_s=rate,
-                        val_loss=val_loss if val_due else None,
-                        **extra,
-                    )
+                    metrics.add(step=done, **row)
+                if tracker is not None:
+                    tracker.log(row, done)
                 bar.set_postfix(
                     loss=f"{interval_loss / interval_steps:.4f}",
                     **{"samples/s": f"{rate:.1f}"},
@@ -347,9 +305,10 @@ def train(
                 )
                 interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
             bar.update(1)
-            if run is not None and (
-                done % config.checkpoint_every == 0 or done == config.max_steps or stopped
-            ):
+            due = done % config.checkpoint_every == 0 or done == config.max_steps or stopped
+            if run is not None and stop_signal and not due:  # interrupted: unless one is fresh
+                due = not from_main(accelerator, checkpoint_is_fresh(latest_checkpoint(run)))
+            if run is not None and due:
                 save_checkpoint(
                     accelerator,
                     run,
@@ -364,10 +323,15 @@ def train(
                 )
                 if main:
                     plot_losses(run / "metrics.csv", run / "loss.png")
+            if stop_signal and run is not None and done < config.max_steps:
+                raise interrupted(signals.signum or signal.SIGINT, done, run)
             if stopped:
                 break
     finally:
+        signals.__exit__()
         bar.close()
+        if tracker is not None:
+            tracker.close()
         if distiller is not None:
             distiller.close()  # the hooks go; the caller keeps a plain model
 
@@ -390,7 +354,10 @@ def train(
             flush=True,
         )
     if run is not None and main:
-        _save_final(run, net, ema)
+        if config.lora is not None:  # the adapter alone, in diffusers' LoRA format (nas/train/lora.py)
+            save_lora(run, net, config.lora)
+        else:
+            _save_final(run, net, ema)
         RunFolder(run).write_json(
             SUMMARY,
             {
@@ -414,28 +381,6 @@ def train(
     return result
 
 
-def check_arch_cache(arch, manifest: dict, arch_source: str, cache_source: str) -> None:
-    """An architecture must fit the cache before any model is built (NasError otherwise)."""
-    s = arch.settings
-    settings = {
-        "in_channels": s.latent_channels,
-        "cross_attention_dim": s.cross_attention_dim,
-        "sample_size": s.latent_size,
-    }
-    check_compatible(settings, manifest, arch_source, cache_source)
-
-
-def check_consistency(config: TrainConfig, arch) -> None:
-    """With distill kind: consistency, before anything is built: the student's guidance embedding
-    and the recipe the teacher's folder records (nas/train/consistency.py; NasError)."""
-    if config.distill is None or config.distill.kind != "consistency":
-        return
-    check_pair(
-        config.distill, {"time_cond_proj_dim": arch.settings.time_cond_proj_dim}, {}, config.distill.teacher
-    )
-    check_teacher_recipe(config.distill.teacher, config.diffusion)
-
-
 def train_arch(
     config: TrainConfig,
     arch_path: str | Path | None = None,
@@ -453,7 +398,8 @@ def train_arch(
 
     from nas.space import build_unet, load_arch
 
-    arch_path = arch_path or config.arch
+    check_report_to(config.report_to)  # a missing tracker package: before anything is opened
+    arch_path = arch_path or config.arch or lora_arch(config.lora)  # LoRA: the base run's arch.yaml
     cache_path = cache_path or config.cache
     if arch_path is None:
         raise NasError("no architecture: pass --arch ARCH.yaml or set arch: in the config")
@@ -477,9 +423,13 @@ def train_arch(
             **config.distill.model_dump(),
             "teacher": str(Path(config.distill.teacher).resolve()),
         }
+    if config.lora is not None:  # a --set path is relative to the working directory
+        paths["lora"] = {**config.lora.model_dump(), "init_from": str(Path(config.lora.init_from).resolve())}
     config = validate(TrainConfig, {**config.model_dump(), **paths}, "config")
     set_seed(config.seed)  # model init is part of the run's randomness
     model = build_unet(arch)
+    if config.lora is not None:  # the base run's weights, frozen, and a trainable adapter
+        add_lora(model, config.lora, quiet=quiet)
     module = None
     if config.distill is not None:
         module = prepare_teacher(
@@ -500,6 +450,7 @@ def proxy_train(
     quiet: bool = True,
     teacher=None,
     record: Callable[[dict[str, Any]], None] | None = None,
+    tracking: Path | None = None,
 ) -> float:
     """Short mode for the search: train `arch` for `steps` steps and return the final validation loss.
 
@@ -510,6 +461,8 @@ def proxy_train(
     `config` defaults to the DeciDiffusion recipe with a 10% warm-up. With `distill:` in `config`,
     `teacher` ((module, Arch)) saves loading distill.teacher once per call, and `record` (if given)
     receives the inheritance counts (`inherit_*`) and the distillation timings (`step_s`, `teacher_s`).
+    `tracking`: the folder where a config with `report_to` logs this run, named by the architecture
+    (a search's trial).
     """
     from accelerate.utils import set_seed
 
@@ -538,19 +491,8 @@ def proxy_train(
         module = prepare_teacher(
             config.distill, model, arch, cache, quiet=quiet, given=teacher, inherited=inherited
         )
-    result = train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module)
+    track = (tracking, arch.name) if tracking is not None else None
+    result = train(model, cache, config, out=None, report=report, quiet=quiet, teacher=module, tracking=track)
     if record is not None and result.step_s is not None:
         record({"step_s": result.step_s, "teacher_s": result.teacher_s})
     return result.val_loss
-
-
-def inherit_figures(report) -> dict[str, Any]:
-    """An InheritReport as flat figures (trial attributes): parameters copied, sliced and new
-    (identity-initialised ones included), and the one-line summary."""
-    counts = report.counts()
-    return {
-        "inherit_copied": counts["copied"][1],
-        "inherit_sliced": counts["sliced"][1],
-        "inherit_new": counts["new"][1] + counts["identity-init"][1],
-        "inherit_summary": report.summary(),
-    }

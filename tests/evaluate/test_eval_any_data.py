@@ -12,6 +12,7 @@ from PIL import Image
 
 from nas.cli import main
 from nas.core.install import installed_torch
+from tests.fixtures.data import strip_shapes_labels
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,7 @@ def plain_run(sample_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     cache = root / "cache"
     shutil.copytree(sample_world.cache, cache)
-    rows = [json.loads(line) for line in (cache / "records.jsonl").open()]
-    plain = [{k: r[k] for k in ("text", "file_name", "source_index")} for r in rows]
-    (cache / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    strip_shapes_labels(cache)
     run = root / "run"
     shutil.copytree(sample_world.run_stock / "final", run / "final")
     config = (sample_world.run_stock / "config.yaml").read_text()

@@ -121,14 +121,11 @@ def test_other_data_is_scored_on_the_held_out_items(sample_world, tmp_path):
     from nas.data.cache import open_cache
     from nas.evaluate.quality import held_out_eval_set, is_shapes
     from nas.sample import load_run
+    from tests.fixtures.data import strip_shapes_labels
 
     cache = tmp_path / "cache"
     shutil.copytree(sample_world.cache, cache)
-    rows = [json.loads(line) for line in (cache / "records.jsonl").open()]
-    plain = [
-        {"text": r["text"], "file_name": r["file_name"], "source_index": r["source_index"]} for r in rows
-    ]
-    (cache / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    plain = strip_shapes_labels(cache)
     run = tmp_path / "run"
     shutil.copytree(sample_world.run_stock / "final", run / "final")
     config = (sample_world.run_stock / "config.yaml").read_text()

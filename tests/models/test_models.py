@@ -212,3 +212,23 @@ def test_a_two_resnet_mid_block_puts_its_second_layer_after_the_second_resnet(la
     model = build_unet(arch, device="meta")
     depths = [len(a.transformer_blocks) for a in model.mid_block.attentions]
     assert depths == [d for d in ((layers + 1) // 2, layers // 2) if d]
+
+
+@pytest.mark.parametrize("force_flex", [False, True], ids=["stock", "flex"])
+def test_gradient_checkpointing_gives_the_same_gradients(force_flex):
+    """`gradient_checkpointing: true` in a train config recomputes activations in backward: the
+    gradients must equal those of a plain backward pass (stock and flex classes)."""
+    arch = load_arch(ARCHS / "tiny_stock.yaml")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_unet(arch, force_flex=force_flex)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        sample, timestep, text = example_inputs(arch, batch=2)
+        model(sample, timestep, text).sample.pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert model.is_gradient_checkpointing
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)

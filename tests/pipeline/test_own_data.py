@@ -306,6 +306,10 @@ def test_own_folder_end_to_end_offline(tmp_path, no_network, capsys):
     summary = json.loads((root / "summary.json").read_text())
     assert "alignment_accuracy_3_steps" in summary and "domain_fid_3_steps" in summary
     assert (root / "pareto.png").is_file() and (root / "grid.png").is_file()
+    # the VAE this experiment trained: its pictures and verdict beside the U-Net's results
+    assert (root / "vae_reconstructions.png").is_file() and (root / "vae_psnr.png").is_file()
+    assert summary["vae_verdict"].startswith("vae verdict: ") and isinstance(summary["vae_usable"], bool)
+    assert summary["vae_val_psnr_db"] > 0
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
     # The same experiment with `evaluate: {skip: true}`: nothing upstream reruns, the report completes.

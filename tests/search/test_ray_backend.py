@@ -56,3 +56,44 @@ def test_ray_backend_runs_the_study_locally(search_cache, space_file, tmp_path):
         if "proxy_loss" in t.user_attrs:  # trained: its proxy steps are counted, as the Optuna engine does
             assert 0 < t.user_attrs["last_step"] <= load_space(space).proxy.steps
     assert (results / "r" / "ray" / "r").is_dir()  # Tuner experiment folder, restorable
+
+
+def test_ray_searcher_marks_a_measured_architecture_as_duplicate(space_file, tmp_path):
+    """A point the study already measured (here: the same params enqueued twice, as a resumed
+    worker replaying its draws would propose) is handed to the trainable marked, recorded pruned
+    as `duplicate_of`, and never trained; baselines are always measured."""
+    import optuna
+
+    from nas.search.ray_backend import DUPLICATE_OF, DefineByRun, _searcher_class
+    from nas.search.storage import SAMPLERS
+
+    space = load_space(space_file("dup"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'dup.db'}")
+    searcher_class = _searcher_class()
+    searcher_class.full_steps, searcher_class.space = space.proxy.steps, space
+    searcher = searcher_class(
+        space=DefineByRun(space),
+        metric="proxy_loss",
+        mode="min",
+        sampler=SAMPLERS["random"](0, False),
+        study_name="d",
+        storage=storage,
+    )
+    first = searcher.suggest("a")
+    assert isinstance(first, dict) and DUPLICATE_OF not in first
+    searcher.on_trial_complete("a", {"proxy_loss": 0.5, "step": space.proxy.steps})
+    study = optuna.load_study(study_name="d", storage=storage)
+    study.enqueue_trial(study.trials[0].params)
+    second = searcher.suggest("b")
+    assert second[DUPLICATE_OF] == 0
+    searcher.on_trial_complete(
+        "b",
+        {"proxy_loss": float("nan"), "rejected": "duplicate", "reason": "duplicate of trial 0", "step": 0},
+    )
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[1].user_attrs["duplicate_of"] == 0 and trials[1].user_attrs["rejected"] == "duplicate"
+    assert trials[1].params == trials[0].params
+    study.enqueue_trial(study.trials[0].params, user_attrs={"baseline": "again"})
+    third = searcher.suggest("c")
+    assert DUPLICATE_OF not in third  # a baseline is measured whatever ran before

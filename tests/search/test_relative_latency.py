@@ -4,6 +4,7 @@ the trial attributes, the card, `nas export`'s output and the summary; importanc
 carry a warning. Timing is faked where a figure is asserted (no test depends on the machine's load)."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -130,7 +131,8 @@ def test_loaded_trials_named_in_attributes_card_pick_and_summary(
     from nas.search.study import SearchSettings, run_search
 
     monkeypatch.setattr(m, "OtherLoad", EveryOtherBusy)
-    monkeypatch.setattr(EveryOtherBusy, "count", 0)
+    # count 1 already: the shared reference's timing is the 2nd measurement (busy), then trials 0, 1, 2
+    monkeypatch.setattr(EveryOtherBusy, "count", 1)
     monkeypatch.setattr(objective, "_REFERENCES", {})
     proxy = {"steps": 2, "report_every": 2, "recipe": "tiny",
              "overrides": {"batch_size": 4, "val_items": 8, "val_timesteps": 1, "warmup_steps": 1}}  # fmt: skip
@@ -145,10 +147,14 @@ def test_loaded_trials_named_in_attributes_card_pick_and_summary(
         a = t.user_attrs
         assert a["latency_mode"] == "relative" and a["latency_ratio"] > 0
         assert a["latency_ms_p50"] == pytest.approx(a["latency_ratio_rounds"] * a["latency_reference_ms"])
-        # the study's reference: the baseline trial's own time (the first pair of the process)
-        assert a["latency_reference_ms"] == trials[0].user_attrs["latency_baseline_ms_p50"]
+        # the reference: the baseline timed alone before the first trial, in the file every study
+        # under this --results folder reads
+        assert a["latency_reference_source"] == "shared" and a["latency_reference_cores_busy"] == 1.5
+        shared = json.loads(Path(a["latency_reference_from"]).read_text())
+        assert a["latency_reference_ms"] == shared["reference_ms"] and shared["rounds"] == 3
+    (reference_file,) = (results / objective.SHARED_REFERENCES).iterdir()
     loaded = [t.number for t in trials if t.user_attrs["latency_loaded"]]
-    assert loaded == [1]  # the second measurement of the process
+    assert loaded == [1]  # the fourth measurement of the process
 
     out = memory_tmp / "export"
     assert (
@@ -163,6 +169,7 @@ def test_loaded_trials_named_in_attributes_card_pick_and_summary(
     assert card["latency_mode"] == "relative" and card["latency_reference_ms"] > 0
     text = (out / "card.md").read_text()
     assert "Warning: study busy: trials 1" in text and "in alternation with baseline `tiny_stock`" in text
+    assert f"delete {reference_file} to time it again" in text  # the reference was timed under load
 
     written = write_report(study, memory_tmp / "report")
     assert written["load"].startswith("warning: study busy: trials 1 ")
@@ -227,3 +234,36 @@ def test_card_says_when_the_study_reference_was_timed_under_load():
         {**card, "latency_reference_source": "space", "latency_reference_cores_busy": None}
     )
     assert given.endswith("(latency.reference_ms of the space)")
+    shared = _latency_source({**card, "latency_reference_source": "shared", "latency_reference_cores_busy": 0.0,
+                              "latency_reference_from": "results/.latency_reference/b-0123.json"})  # fmt: skip
+    assert shared.endswith("under this results folder: b-0123.json, shared by every study there)")
+
+
+def test_studies_under_one_results_folder_share_the_reference(space_file, search_cache, fake_clock, tmp_path):
+    """The first study under a --results folder times the baseline alone and writes the reference
+    file; a later study there, started under 40x the load, reads it, so the same architecture gets
+    the same latency in both. Another --results folder, or latency.reference_ms, is independent."""
+    from nas.search.objective import prepare_search
+
+    path = space_file("shared", latency={"device": "cpu", "batch": 1, "warmup": 0, "iters": 5})
+    cand = distinct_tiny_archs()[2]
+    reported = []
+    for factor in (1.0, 40.0):  # two studies (processes: the per-process reference dropped)
+        objective._REFERENCES.clear()
+        fake_clock.factor = factor
+        space = prepare_search(path, str(search_cache), None, tmp_path / "results").space
+        assert space.latency.reference_ms == BASE_MS  # timed in the first study, quiet
+        a = measure_cost(space, cand)
+        assert a["latency_reference_source"] == "shared"
+        reported.append(a["latency_ms_p50"])
+    assert reported == pytest.approx([CAND_MS] * 2)
+    assert len(list((tmp_path / "results" / objective.SHARED_REFERENCES).iterdir())) == 1
+    objective._REFERENCES.clear()
+    other = prepare_search(path, str(search_cache), None, tmp_path / "other").space
+    assert other.latency.reference_ms == BASE_MS * 40.0  # its own first study timed it under load
+    fixed = space_file(
+        "fixed", latency={"device": "cpu", "batch": 1, "warmup": 0, "iters": 5, "reference_ms": 7.0}
+    )
+    assert (
+        prepare_search(fixed, str(search_cache), None, tmp_path / "results").space.latency.reference_ms == 7.0
+    )

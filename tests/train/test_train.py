@@ -13,7 +13,13 @@ from safetensors.torch import load_file
 from nas.core.config import read_yaml
 from nas.core.errors import NasError
 from nas.train import NonFiniteLoss, TrainConfig, load_config, proxy_train, train
-from nas.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nas.train.checkpoint import (
+    CheckpointNotWritten,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nas.train.data import Batches, ValidationSet, check_compatible
 from nas.train.loop import check_arch_cache, evaluate, make_accelerator
 from tests.fixtures.train import FakeCache
@@ -267,7 +273,8 @@ def test_checkpoint_round_trip_and_crash_mid_write(tmp_path, quick_config, monke
     saved_weight = model.weight.detach().clone()
     expected_random = torch.rand(3)
 
-    # A crash while writing step 2 leaves step 1 whole and a .tmp folder that is never resumed from.
+    # A failed write of step 2 leaves step 1 whole and removes its .tmp folder (a full disk:
+    # tests/train/test_checkpoint_faults.py); a kill mid-write leaves one, never resumed from.
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
@@ -275,7 +282,7 @@ def test_checkpoint_round_trip_and_crash_mid_write(tmp_path, quick_config, monke
     model.weight.data.add_(1.0)
     from diffusers.training_utils import EMAModel
 
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointNotWritten, match="could not write the checkpoint of step 2: disk full"):
         save_checkpoint(
             accelerator,
             tmp_path,
@@ -288,7 +295,9 @@ def test_checkpoint_round_trip_and_crash_mid_write(tmp_path, quick_config, monke
             keep=2,
         )
     monkeypatch.undo()
-    assert (tmp_path / "checkpoints" / "step_000002.tmp").is_dir()
+    assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
+    (tmp_path / "checkpoints" / "step_000002.tmp").mkdir()  # as a kill mid-write leaves it
+    (tmp_path / "checkpoints" / "step_000002.tmp" / "model.safetensors").write_bytes(b"half")
     assert latest_checkpoint(tmp_path).name == "step_000001"
 
     fresh, fresh_opt, fresh_sched = _linear_setup(seed=1)
