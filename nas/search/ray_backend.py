@@ -223,7 +223,15 @@ def _searcher_class():
                 return config
             if self._keys is None:
                 self._keys = {}
-            same = find_duplicate(self._ot_study, ot_trial.number, arch_key(arch.to_data()), self._keys)
+            # One driver owns a Ray study: a running trial this searcher does not hold is an orphan of a
+            # killed driver (failed when the run ends, never measured), so it is no measurement.
+            running = {
+                t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            }
+            orphans = running - {t.number for t in self._ot_trials.values()}
+            same = find_duplicate(
+                self._ot_study, ot_trial.number, arch_key(arch.to_data()), self._keys, orphans
+            )
             if same is None:
                 return config
             ot_trial.set_user_attr("duplicate_of", same)

@@ -285,16 +285,26 @@ def arch_key(data: dict[str, Any]) -> str:
 
 
 def find_duplicate(
-    study: optuna.Study, number: int, key: str, keys: dict[int, str] | None = None
+    study: optuna.Study,
+    number: int,
+    key: str,
+    keys: dict[int, str] | None = None,
+    skip: set[int] | frozenset[int] = frozenset(),
 ) -> int | None:
     """The earliest trial that measured (or is measuring) the architecture `key` of trial
     `number`: completed or pruned trials of any number, running ones with a lower number (of two
     that run at once, the later one gives way). Failed trials are not measurements (a retry
     repeats its lost trial's architecture on purpose); nor are trials pruned as duplicates.
-    `keys` caches `arch_key` by trial number across calls (a trial's `arch` never changes)."""
+    `keys` caches `arch_key` by trial number across calls (a trial's `arch` never changes); `skip`:
+    trial numbers that are no measurement (running trials a killed driver left, which never finish)."""
     keys = {} if keys is None else keys
     for t in study.get_trials(deepcopy=False):
-        if t.number == number or "arch" not in t.user_attrs or "duplicate_of" in t.user_attrs:
+        if (
+            t.number == number
+            or t.number in skip
+            or "arch" not in t.user_attrs
+            or "duplicate_of" in t.user_attrs
+        ):
             continue
         if t.state == TrialState.RUNNING and t.number > number:
             continue

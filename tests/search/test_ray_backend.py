@@ -97,3 +97,32 @@ def test_ray_searcher_marks_a_measured_architecture_as_duplicate(space_file, tmp
     study.enqueue_trial(study.trials[0].params, user_attrs={"baseline": "again"})
     third = searcher.suggest("c")
     assert DUPLICATE_OF not in third  # a baseline is measured whatever ran before
+
+
+def test_a_killed_drivers_running_trial_is_no_measurement(space_file, tmp_path):
+    """After a killed driver, its RUNNING trials never finish (failed when the resumed run ends): a
+    point equal to one of them is measured, not pruned as its duplicate."""
+    import optuna
+
+    from nas.search.ray_backend import DUPLICATE_OF, DefineByRun, _searcher_class
+    from nas.search.storage import SAMPLERS
+
+    space = load_space(space_file("orphan"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+
+    def searcher():
+        cls = _searcher_class()
+        cls.full_steps, cls.space = space.proxy.steps, space
+        return cls(space=DefineByRun(space), metric="proxy_loss", mode="min",
+                   sampler=SAMPLERS["random"](0, False), study_name="o", storage=storage)  # fmt: skip
+
+    killed = searcher()
+    assert DUPLICATE_OF not in killed.suggest("a")  # RUNNING, and its driver dies here
+    study = optuna.load_study(study_name="o", storage=storage)
+    study.enqueue_trial(study.trials[0].params)
+    resumed = searcher()
+    assert DUPLICATE_OF not in resumed.suggest("b")  # trial 0 is an orphan: no measurement
+    own = resumed.suggest("c")  # this driver's own running trial does count
+    assert own is not None
+    study.enqueue_trial(study.trials[1].params)
+    assert resumed.suggest("d")[DUPLICATE_OF] == 1
