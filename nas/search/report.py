@@ -3,6 +3,7 @@ parameter importances (Optuna's matplotlib visualisation), and a markdown summar
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -113,7 +114,13 @@ def plot_importances(study: optuna.Study, path: Path) -> str | None:
 
     target, name = _target(study)
     try:
-        ax = plot_param_importances(study, target=target, target_name=name)
+        with warnings.catch_warnings():
+            # PED-ANOVA's notes that it ranks for low targets (ours: a loss or a latency, minimised)
+            # and that some parameter values have < 2 trials: the title and `importance_warning` say
+            # how many trials the importances rest on, in one line instead of one per parameter.
+            warnings.filterwarnings("ignore", r"PedAnovaImportanceEvaluator computes", UserWarning)
+            warnings.filterwarnings("ignore", r"Some regimes for parameter", UserWarning)
+            ax = plot_param_importances(study, target=target, target_name=name)
     except (ValueError, RuntimeError) as exc:  # too few trials, or a single distinct value
         return str(exc).splitlines()[0]
     n = importance_trials(study)

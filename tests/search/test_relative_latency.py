@@ -4,6 +4,7 @@ the trial attributes, the card, `nas export`'s output and the summary; importanc
 carry a warning. Timing is faked where a figure is asserted (no test depends on the machine's load)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import optuna
@@ -206,7 +207,9 @@ def test_importances_say_how_many_trials_they_rest_on(n, tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "_save", spy)
     study = synthetic_study(n)
-    written = report.write_report(study, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Optuna's per-parameter notes: one line of ours instead
+        written = report.write_report(study, tmp_path)
     assert f"from {n} completed trials" in titles[-1]
     summary = (tmp_path / "summary.md").read_text()
     if n < report.MIN_IMPORTANCE_TRIALS:
