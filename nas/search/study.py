@@ -24,6 +24,7 @@ architecture the study already measured is not measured again (pruned as `duplic
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -67,6 +68,19 @@ from nas.space.schema import Space
 # Heartbeats, the stale-trial callback and the matplotlib plots are marked experimental in Optuna;
 # we rely on them knowingly, so their warnings are noise for users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+
+def quiet_surplus() -> None:
+    """Optuna logs every failed trial with a traceback; a `Surplus` trial (one that gave way because
+    the study already had --trials when it started: expected at the end of a multi-worker search) is
+    no failure to show, nor its "failed with value None" line (errors of an architecture keep theirs,
+    and our own trial line names them)."""
+    from nas.core.noise import DropMessage
+
+    logger = logging.getLogger("optuna.study._optimize")
+    for pattern in (r"because of the following error: Surplus\(", r"^Trial \d+ failed with value None\.$"):
+        if not any(isinstance(f, DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(DropMessage(pattern))
 
 
 class Surplus(Exception):
@@ -278,6 +292,7 @@ def run_search(settings: SearchSettings, quiet: bool = False) -> optuna.Study:
     failed and re-enqueued with exactly their parameters, then `Interrupted` is raised, naming
     them (the command turns it into exit code 130 / 143 and a resume hint)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
+    quiet_surplus()
     if settings.trials < 1:
         raise NasError(f"--trials must be >= 1, got {settings.trials}")
     if settings.workers < 1:

@@ -52,3 +52,24 @@ def test_ctrl_c_after_two_trials_keeps_them_and_retries_the_third(
     retry = next(t for t in after if t.user_attrs.get("retry_of") == 2)
     assert retry.number == 3 and retry.params == before[2].params and retry.state == TrialState.COMPLETE
     assert sum(counted(t) for t in after) == 5 and evaluated[0] == "k-t3"  # the retry ran first
+
+
+def test_a_surplus_trial_is_not_logged_as_a_failure(caplog):
+    """A trial that gives way at the end of a multi-worker search (Surplus) is expected: Optuna's
+    failure warning with its traceback, and its 'failed with value None' line, are dropped; an
+    architecture's error is still logged."""
+    import logging
+
+    from nas.search.study import quiet_surplus
+
+    quiet_surplus()
+    logger = logging.getLogger("optuna.study._optimize")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Trial 9 failed with parameters: {} because of the following error: Surplus('9 trials')."
+        )
+        logger.warning("Trial 9 failed with value None.")
+        logger.warning("Trial 3 failed with parameters: {} because of the following error: ValueError('x').")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Trial 3 failed with parameters: {} because of the following error: ValueError('x')."
+    ]
