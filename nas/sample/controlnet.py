@@ -110,10 +110,9 @@ def controlnet_pipeline(
     from diffusers import StableDiffusionControlNetPipeline
 
     check_controlnet_fits(controlnet, components.unet, "controlnet")
-    te = components.text_encoder
-    if te.model.config.model_type not in ("clip", "clip_text_model"):  # as nas.sample.generate.build_pipeline
-        te.model.config.use_attention_mask = True
-    te.tokenizer.model_max_length = te.max_length
+    from nas.sample.generate import pipeline_text_encoder
+
+    te = pipeline_text_encoder(components)
     pipe = StableDiffusionControlNetPipeline(
         vae=components.vae,
         text_encoder=te.model,

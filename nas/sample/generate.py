@@ -86,6 +86,21 @@ def use_runtime(components: RunComponents, runtime: str = "eager", precision: st
     return components
 
 
+def pipeline_text_encoder(components: RunComponents):
+    """The run's TextEncoder set up for a diffusers pipeline (StableDiffusionPipeline and its
+    ControlNet sibling alike), so that the pipeline tokenizes and encodes as the cache did.
+
+    StableDiffusionPipeline.encode_prompt passes the padding mask to the text encoder only when
+    `text_encoder.config.use_attention_mask` is true (diffusers,
+    pipelines/stable_diffusion/pipeline_stable_diffusion.py); CLIP was trained without it, BERT-like
+    encoders need it. The tokenizer pads to `model_max_length`: the cache's text length."""
+    te = components.text_encoder
+    if te.model.config.model_type not in ("clip", "clip_text_model"):
+        te.model.config.use_attention_mask = True
+    te.tokenizer.model_max_length = te.max_length
+    return te
+
+
 def build_pipeline(
     components: RunComponents,
     scheduler: str = "ddim",
@@ -99,14 +114,7 @@ def build_pipeline(
 
     use_runtime(components, runtime, precision)
 
-    te = components.text_encoder
-    # What makes the pipeline tokenize and encode as the cache did. StableDiffusionPipeline.encode_prompt
-    # passes the padding mask to the text encoder only when `text_encoder.config.use_attention_mask` is
-    # true (diffusers, pipelines/stable_diffusion/pipeline_stable_diffusion.py); CLIP was trained without
-    # it, BERT-like encoders need it. The tokenizer pads to `model_max_length`: the cache's text length.
-    if te.model.config.model_type not in ("clip", "clip_text_model"):
-        te.model.config.use_attention_mask = True
-    te.tokenizer.model_max_length = te.max_length
+    te = pipeline_text_encoder(components)
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=te.model,
