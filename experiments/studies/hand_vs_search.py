@@ -26,8 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inherit_distill.py: _train, _eval
 
 HAND = ["quickstart_baseline", "quickstart_bksdm_base", "quickstart_bksdm_small", "quickstart_bksdm_tiny"]
+# step 3: the hand designs trained and compared (the teacher's own layout is the teacher, not a design)
+FINAL_HAND = [*HAND[1:], "quickstart_decidiffusion"]
 
 
 def study_rows(results: Path, study: str) -> list[dict]:
@@ -86,12 +89,124 @@ def plot(studies: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- steps 3-4: identical final training, eval, one interleaved timing, the answer ---------------
+
+
+def finalists(out: Path) -> dict[str, dict]:
+    """name -> {arch file, kind, picked_for}: the trained hand designs, then every searched pick of
+    picks.json for one of them, deduplicated by architecture (the same layout found by several seeds
+    is trained once, named by its first file)."""
+    found: dict[str, dict] = {}
+    for hand in FINAL_HAND:
+        found[hand] = {"arch": str(ROOT / "search_spaces" / "archs" / f"{hand}.yaml"), "kind": "hand",
+                       "picked_for": []}  # fmt: skip
+    by_layout: dict[str, str] = {}
+    for study, entries in json.loads((out / "picks.json").read_text()).items():
+        for p in entries:
+            s, hand = p["searched"], p["hand"]["baseline"]
+            if s is None or hand not in FINAL_HAND:
+                continue
+            layout = json.dumps({k: v for k, v in s["arch"].items() if k != "name"}, sort_keys=True)
+            name = by_layout.setdefault(layout, f"{study}-t{s['trial']}")
+            entry = found.setdefault(name, {"arch": str(out / "archs" / f"{name}.yaml"), "kind": "searched",
+                                            "picked_for": []})  # fmt: skip
+            entry["picked_for"].append({"study": study, "hand": hand, "trial": s["trial"]})
+            entry.update(proxy_loss=s["proxy_loss"], table_ms=s["latency_ms"])
+            hand_entry = found[hand]
+            hand_entry.setdefault("proxy_losses", []).append(p["hand"]["proxy_loss"])
+            hand_entry["table_ms"] = p["hand"]["latency_ms"]
+    for entry in found.values():  # a hand design's proxy: the mean over the studies that enqueued it
+        losses = entry.pop("proxy_losses", None)
+        if losses:
+            entry["proxy_loss"] = sum(losses) / len(losses)
+    return found
+
+
+def units(out: Path, seeds: list[int]) -> list[tuple[str, int]]:
+    """(finalist, seed), seed-major: after each seed every design has a run (a partial sweep compares)."""
+    names = list(finalists(out))
+    return [(name, seed) for seed in seeds for name in names]
+
+
+def train_and_eval(args) -> None:
+    """This worker's share of the units: `nas train` (inherit + BK-SDM distill from the teacher, the
+    same steps, warm-up and seed for all), then `nas eval` at every sampling step count. A unit whose
+    folders are complete is skipped; an interrupted training resumes (inherit_distill._train)."""
+    from inherit_distill import _eval, _train
+
+    found = finalists(args.out)
+    mine = units(args.out, args.seeds)[args.worker :: args.workers]
+    for i, (name, seed) in enumerate(mine):
+        run = args.out / args.runs / f"{name}-s{seed}"
+        unit = argparse.Namespace(arch=found[name]["arch"], cache=args.cache, teacher=args.teacher,
+                                  evaluator=args.evaluator, n=args.n)  # fmt: skip
+        _train(unit, run, args.steps, distill=True, seed=seed)
+        if args.no_eval:
+            continue
+        result = _eval(unit, run, args.sample_steps)["results"]
+        at = {r["steps"]: r["alignment"] for r in result}
+        print(f"worker {args.worker}: {i + 1}/{len(mine)} {name} seed {seed}: alignment {at}", flush=True)
+    if (
+        args.worker == 0 and not args.no_eval
+    ):  # the teacher, as a reference point (8,000 steps: not the same training)
+        _eval(argparse.Namespace(evaluator=args.evaluator, n=args.n), Path(args.teacher), args.sample_steps)
+
+
+def speed(args) -> None:
+    """U-Net forward of every finalist and the teacher, batch 2, one thread, interleaved rounds (drift
+    on a shared host hits all alike): the latency of the answer (the table's was the search's)."""
+    import torch
+
+    from nas.cost.measure import measure_latency
+    from nas.space import build_unet, load_arch
+    from nas.teacher.arch import load_teacher
+
+    torch.set_num_threads(1)
+    nets = {"teacher": load_teacher(args.teacher)}
+    for name, f in finalists(args.out).items():
+        arch = load_arch(f["arch"])
+        nets[name] = (build_unet(arch).eval(), arch)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    for r in range(args.rounds):
+        for name, (net, arch) in nets.items():
+            times[name].append(measure_latency(net, arch, batch=2, warmup=2, iters=10).latency_ms_p50)
+        print(f"speed: round {r + 1}/{args.rounds}", flush=True)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    speed_file = {"batch": 2, "threads": 1, "rounds": args.rounds, "median_ms": median, "all_ms": times}
+    (args.out / "speed.json").write_text(json.dumps(speed_file, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["picks"])
+    parser.add_argument("mode", choices=["picks", "train", "speed", "gap", "report"])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "hand_vs_search")
     parser.add_argument("--studies", nargs="+", default=["gp-s0", "gp-s1", "gp-s2"])
+    parser.add_argument("--cache", default="results/quickstart/precompute/cache")
+    parser.add_argument("--teacher", default="results/few_step/runs/teacher", help="`nas train` run folder")
+    parser.add_argument("--evaluator", default="results/quickstart/data/evaluator")
+    parser.add_argument("--steps", type=int, default=1000, help="train: optimizer steps, the same for all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train: training seeds")
+    parser.add_argument("--worker", type=int, default=0, help="train: this worker's index")
+    parser.add_argument("--workers", type=int, default=1, help="train: workers sharing the units")
+    parser.add_argument("--n", type=int, default=100, help="train: images per evaluation")
+    parser.add_argument("--sample-steps", type=int, nargs="+", default=[10, 20, 30, 50])
+    parser.add_argument("--rounds", type=int, default=7, help="speed: interleaved rounds")
+    parser.add_argument("--runs", default="runs", help="train, gap: the runs' folder under --out")
+    parser.add_argument(
+        "--no-eval", action="store_true", help="train: no `nas eval` (proxy-length runs for gap)"
+    )
     args = parser.parse_args(argv)
+    if args.mode == "train":
+        train_and_eval(args)
+        return 0
+    if args.mode == "speed":
+        speed(args)
+        return 0
+    if args.mode in ("gap", "report"):
+        from hand_vs_search_report import report, text_gap
+
+        (text_gap if args.mode == "gap" else report)(args)
+        return 0
     import yaml
 
     results = args.out / "studies"

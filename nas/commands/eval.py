@@ -36,6 +36,9 @@ class Settings(Sampling):
     lora: str | None = arg(None, "LoRA to apply: a `lora:` run of nas train, or a folder with pytorch_lora_weights.safetensors",
                            input="folder")  # fmt: skip
     lora_scale: float = arg(1.0, "strength of --lora (1 = as trained, 0 = none)", ge=-10, le=10)
+    controlnet: str | None = arg(None, "ControlNet to steer with (a `controlnet:` run of nas train); shapes runs: "
+                                 "each prompt's control image is drawn from its validation record", input="folder")  # fmt: skip
+    controlnet_scale: float = arg(1.0, "strength of --controlnet (1 = as trained, 0 = none)", ge=-10, le=10)
 
     _commas = comma_list("steps")
 
@@ -53,6 +56,7 @@ SETTINGS = Settings
 def run(settings: Settings) -> int:
     from nas.evaluate.quality import evaluate_run
     from nas.sample.components import lora_choice
+    from nas.sample.controlnet import controlnet_choice
     from nas.sample.timing import split_line
 
     steps_list = settings.steps
@@ -74,6 +78,7 @@ def run(settings: Settings) -> int:
         device=settings.device,
         progress=not settings.quiet,
         lora=lora_choice(settings.lora, settings.lora_scale),
+        controlnet=controlnet_choice(settings.controlnet, settings.controlnet_scale),
         clip=settings.clip,
         fid_weights=settings.fid_weights,
         k=settings.k,
@@ -90,6 +95,11 @@ def run(settings: Settings) -> int:
         )
         if "split" in row:
             print(f"           {split_line(row['split'])}")
+        attrs = row.get("alignment_by_attribute", {})
+        if report.get("controlnet") and "position" in attrs:  # what a ControlNet steers
+            print(
+                f"           with the ControlNet: position {attrs['position']:.3f}, size {attrs['size']:.3f}"
+            )
     ref = report["reference"]
     if "real_alignment" in ref:
         retrieval = ref.get("retrieval")

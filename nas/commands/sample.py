@@ -65,6 +65,11 @@ class Settings(Sampling):
     lora: str | None = arg(None, "LoRA to apply: a `lora:` run of nas train, or a folder with pytorch_lora_weights.safetensors",
                            input="folder")  # fmt: skip
     lora_scale: float = arg(1.0, "strength of --lora (1 = as trained, 0 = none)", ge=-10, le=10)
+    controlnet: str | None = arg(None, "ControlNet to steer with: a `controlnet:` run of nas train, or a ControlNet folder",
+                                 input="folder")  # fmt: skip
+    control_image: str | None = arg(None, "control image for --controlnet (the output size, e.g. a shapes mask)",
+                                    input="file")  # fmt: skip
+    controlnet_scale: float = arg(1.0, "strength of --controlnet (1 = as trained, 0 = none)", ge=-10, le=10)
 
 
 SETTINGS = Settings
@@ -81,9 +86,14 @@ def check_device(device: str) -> None:
 
 
 def run(settings: Settings) -> int:
+    from nas.core.errors import NasError
     from nas.sample import read_prompts, sample_run
     from nas.sample.components import lora_choice
+    from nas.sample.controlnet import controlnet_choice
 
+    if (settings.controlnet is None) != (settings.control_image is None):
+        raise NasError("--controlnet and --control-image go together: a ControlNet steers by an image")
+    controlnet = controlnet_choice(settings.controlnet, settings.controlnet_scale, settings.control_image)
     sampling = settings.sample_settings(settings.steps)
     check_device(settings.device)
     prompts = read_prompts(settings.prompt, settings.prompts_file and Path(settings.prompts_file))
@@ -104,6 +114,7 @@ def run(settings: Settings) -> int:
         device=settings.device,
         progress=not settings.quiet,
         lora=lora_choice(settings.lora, settings.lora_scale),
+        controlnet=controlnet,
     )
     print(f"wrote {len(paths)} images, their JSON sidecars and grid.png to {out}")
     return 0

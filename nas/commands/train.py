@@ -70,6 +70,7 @@ def _run_folder(settings: Settings) -> str | None:
 
 def _run(settings: Settings) -> int:
     from nas.core.lock import is_primary_rank
+    from nas.sample.training_grid import TrainingGrid
     from nas.train.interrupt import TrainingInterrupted
     from nas.train.loop import train_arch
 
@@ -78,12 +79,20 @@ def _run(settings: Settings) -> int:
     try:
         result = train_arch(
             config, settings.arch, settings.cache, out=settings.out, resume=settings.resume,
-            quiet=settings.quiet or not main,
+            quiet=settings.quiet or not main, sampler=TrainingGrid,  # sample_every's grids
         )  # fmt: skip
     except TrainingInterrupted as exc:  # the CLI prints its line once, from rank 0
         if main:
             raise
         return exc.exit_code
+    if result.run_dir is not None and main and config.lora is not None:
+        from nas.sample.card import write_lora_card
+
+        write_lora_card(result.run_dir)  # the adapter folder's Hub model card (README.md)
+    if result.run_dir is not None and main and config.controlnet is not None:
+        from nas.sample.card import write_controlnet_card
+
+        write_controlnet_card(result.run_dir)  # RUN/controlnet/README.md (Hub model card)
     if result.run_dir is not None and main:
         ema = f", EMA {result.val_loss_ema:.5f}" if result.val_loss_ema is not None else ""
         print(

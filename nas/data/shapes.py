@@ -157,10 +157,12 @@ def _jittered(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int,
     return tuple(int(c) for c in np.clip(np.array(rgb) + noise, 0, 255))
 
 
-def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw the scene as a `size` x `size` RGB image."""
+def render(scene: dict, size: int, rng: np.random.Generator, kind: str = "image") -> Image.Image:
+    """Draw the scene as a `size` x `size` RGB image; kind `mask` or `edges` (CONDITIONS) draws its
+    objects white on black, filled or outlined, from the same random draws (same jitter)."""
     big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), _jittered(BACKGROUNDS[scene["background"]], rng))
+    background = _jittered(BACKGROUNDS[scene["background"]], rng)
+    image = Image.new("RGB", (big, big), background if kind == "image" else (0, 0, 0))
     draw = ImageDraw.Draw(image)
     for obj in scene["objects"]:
         row, col = divmod(POSITION_NAMES.index(obj["position"]), 3)
@@ -168,11 +170,39 @@ def render(scene: dict, size: int, rng: np.random.Generator) -> Image.Image:
         cx, cy = ((col + 0.5) / 3 + dx) * big, ((row + 0.5) / 3 + dy) * big
         r = SIZES[obj["size"]] * big / 2
         fill = _jittered(COLOURS[obj["colour"]], rng)
+        paint: dict[str, Any] = {"fill": fill}
+        if kind == "mask":
+            paint = {"fill": (255, 255, 255)}
+        elif kind == "edges":  # one output pixel wide
+            paint = {"outline": (255, 255, 255), "width": SUPERSAMPLE}
         if obj["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
         else:
-            draw.polygon(_polygon(obj["shape"], cx, cy, r), fill=fill)
+            draw.polygon(_polygon(obj["shape"], cx, cy, r), **paint)
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+# Condition images a ControlNet can be trained on (nas/train/controlnet.py): the objects' silhouettes
+# or their outlines, white on black, re-drawn from (dataset seed, index) exactly where the image has them.
+CONDITIONS = ("mask", "edges")
+
+
+def condition(index: int, size: int, seed: int, kind: str, record: dict | None = None) -> Image.Image:
+    """The `kind` condition image (CONDITIONS) of image `index` of the dataset `seed`, `size` pixels.
+    With `record` (a row of metadata.jsonl or a cache's records.jsonl), the re-drawn scene and caption
+    must be the record's: ValueError otherwise (another seed, or not a shapes record)."""
+    if kind not in CONDITIONS:
+        raise ValueError(f"condition kind {kind!r} (allowed: {', '.join(CONDITIONS)})")
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng)
+    text = caption(scene, rng)
+    if record is not None and (
+        text != record.get("text")
+        or scene["objects"] != record.get("objects")
+        or scene["background"] != record.get("background")
+    ):
+        raise ValueError(f"image {index} of the shapes dataset of seed {seed} is not this record")
+    return render(scene, size, rng, kind)
 
 
 def sample(index: int, size: int = 32, seed: int = 0, val_fraction: float = 0.1) -> tuple[Image.Image, dict]:

@@ -157,10 +157,12 @@ def quality_vs_steps(
     progress: bool = True,
     grid_dir: Path | None = None,
     scorers: list | None = None,
+    control: tuple[list, float] | None = None,
 ) -> dict:
     """Generate the eval set at each step count and score it; a JSON-ready report.
 
-    `scorers` (nas/evaluate/scorers.py) default to the one for `evaluator`."""
+    `scorers` (nas/evaluate/scorers.py) default to the one for `evaluator`; `control`: (a control
+    image per prompt, scale) for a ControlNet pipeline."""
     from dataclasses import replace
 
     from nas.sample.generate import generate, image_grid, to_uint8
@@ -180,7 +182,7 @@ def quality_vs_steps(
     for steps in steps_list:
         clock = StageClock()
         floats = generate(
-            components, pipe, jobs, replace(settings, steps=steps), progress, f"{steps} steps", clock
+            components, pipe, jobs, replace(settings, steps=steps), progress, f"{steps} steps", clock, control
         )
         split = clock.report()  # end to end: text encoder, U-Net calls, VAE decode, the rest
         pixels = to_uint8(floats)  # scored as saved: 8-bit, like the real images
@@ -203,6 +205,26 @@ def quality_vs_steps(
     for row in rows:
         row["rmse_to_max"] = float((images_by_steps[row["steps"]] - top).pow(2).mean().sqrt())
     return {"reference": reference, "results": rows}
+
+
+def _controlled(components, choice, eval_set: EvalSet, settings, shapes: bool, run):
+    """`nas eval --controlnet`: the ControlNet pipeline and, per prompt, the condition image drawn from
+    its shapes record (the kind the ControlNet was trained on, nas/data/conditions.py)."""
+    from nas.data.conditions import record_condition
+    from nas.sample.controlnet import attach_controlnet, controlnet_pipeline
+
+    if not shapes:
+        raise NasError(f"--controlnet: {run} was not trained on shapes; nas eval draws each prompt's control "
+                       "image from its shapes record (use nas sample --controlnet --control-image FILE)")  # fmt: skip
+    if choice.condition is None:
+        raise NasError(f"--controlnet {choice.folder}: no controlnet.json beside it names its condition "
+                       "(mask or edges); give the folder of a `controlnet:` run of nas train")  # fmt: skip
+    pipe = controlnet_pipeline(
+        components, attach_controlnet(components, choice), settings.scheduler, settings.spacing
+    )
+    seed = _shapes_dataset_info(components.cache)["seed"]
+    images = [record_condition(r, seed, components.resolution, choice.condition) for r in eval_set.records]
+    return pipe, (images, choice.scale)
 
 
 def _evaluator_scorer(evaluator, components, k: int | None = None):
@@ -308,6 +330,7 @@ def evaluate_run(
     fid_weights: str | Path | None = None,
     k: int | None = None,
     lora=None,
+    controlnet=None,
 ) -> dict:
     """`nas eval`: OUT/eval.json, OUT/quality_vs_steps.png and OUT/grid_<steps>.png; returns the report.
 
@@ -358,14 +381,18 @@ def evaluate_run(
     pipe = build_pipeline(
         components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
     )
+    control = None
+    if controlnet is not None:  # a nas.sample.controlnet.ControlChoice: each prompt's condition image
+        pipe, control = _controlled(components, controlnet, eval_set, settings, shapes, run)
     out.mkdir(parents=True, exist_ok=True)
     measured = quality_vs_steps(
-        components, pipe, steps_list, eval_set, settings, evaluator, progress, out, scorers
+        components, pipe, steps_list, eval_set, settings, evaluator, progress, out, scorers, control
     )
     report = {
         "run": portable(run),
         "weights": components.weights,
         "lora": components.lora,  # file, sha256 and scale of a LoRA in the U-Net (None: none)
+        "controlnet": getattr(components, "controlnet", None),  # folder, sha256, scale, condition
         "model_sha256": components.model_sha256,
         "kind": scorers[0].kind,
         "prompts": eval_set.source,

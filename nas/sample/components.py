@@ -112,6 +112,20 @@ def _check_identity(kind: str, expected: dict, actual_sha: str, cache_path: Path
                        f"made (sha256 {actual_sha[:12]}, cache says {expected['sha256'][:12]})")  # fmt: skip
 
 
+def load_encoders(manifest: dict, cache_path: str | Path):
+    """(VAE, TextEncoder) the cache was made with, their sha256 checked against its manifest; the
+    VAE's scaling_factor set to the cache's (the pipeline divides the latents by it)."""
+    from nas.data.encoders import load_text_encoder, load_vae, vae_folder, weights_sha256
+
+    cache_path = Path(cache_path)
+    vae = load_vae(manifest["vae"]["path"])
+    _check_identity("VAE", manifest["vae"], weights_sha256(vae_folder(manifest["vae"]["path"])), cache_path)
+    vae.register_to_config(scaling_factor=float(manifest["scaling_factor"]))
+    text_encoder = load_text_encoder(manifest["text_encoder"]["path"], max_length=int(manifest["text_len"]))
+    _check_identity("text encoder", manifest["text_encoder"], text_encoder.identity["sha256"], cache_path)
+    return vae, text_encoder
+
+
 def load_run(
     run: str | Path,
     weights: str = "auto",
@@ -121,7 +135,7 @@ def load_run(
     """Load a trained run's U-Net (EMA by default), the cache's VAE and text encoder, and its recipe;
     with `lora` (`lora_choice`), that LoRA in the U-Net at its scale."""
     from nas.data.cache import open_cache
-    from nas.data.encoders import load_text_encoder, load_vae, vae_folder, weights_sha256
+    from nas.data.encoders import weights_sha256
     from nas.train.data import check_compatible
 
     run = Path(run)
@@ -138,12 +152,7 @@ def load_run(
 
     unet = load_unet(folder)
     check_compatible(dict(unet.config), manifest, str(folder), str(cache_path))
-    vae = load_vae(manifest["vae"]["path"])
-    _check_identity("VAE", manifest["vae"], weights_sha256(vae_folder(manifest["vae"]["path"])), cache_path)
-    # The cache's latents were scaled by this factor; the pipeline divides by vae.config.scaling_factor.
-    vae.register_to_config(scaling_factor=float(manifest["scaling_factor"]))
-    text_encoder = load_text_encoder(manifest["text_encoder"]["path"], max_length=int(manifest["text_len"]))
-    _check_identity("text encoder", manifest["text_encoder"], text_encoder.identity["sha256"], cache_path)
+    vae, text_encoder = load_encoders(manifest, cache_path)
     empty, _ = cache.empty_text()
     components = RunComponents(
         run=run,

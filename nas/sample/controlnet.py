@@ -3,50 +3,25 @@
 folders (safetensors; a flex ControlNet's folder ships its code), run in diffusers'
 `StableDiffusionControlNetPipeline` with the run's VAE, text encoder and scheduler.
 
-The conditioning embedding (ControlNet paper: 4 convolutions, 3 of stride 2, for SD's 8x VAE) is cut to
-the run's VAE: log2(VAE factor) strided convolutions, so the control image has the output image's size.
+A new ControlNet: `controlnet_for` (nas/models/controlnet.py, so the trainer makes one too).
 """
 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nas.core.errors import NasError
-from nas.models import FlexControlNetModel, FlexUNet2DConditionModel, ship_code
+from nas.models import FlexControlNetModel, ship_code
+from nas.models.controlnet import conditioning_channels, controlnet_for  # noqa: F401  (re-exported)
 from nas.sample.components import RunComponents, make_scheduler
 
-SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNetModel default (SD's 8x VAE)
 CONTROLNET_CLASSES = ("ControlNetModel", "FlexControlNetModel")
 # modules a ControlNet copies from its U-Net: they must have the same shapes in both
 MIRRORED_MODULES = ("conv_in", "time_embedding", "down_blocks", "mid_block")
-
-
-def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
-    """Channels of the conditioning embedding for a VAE that downsamples `vae_scale_factor` times."""
-    steps = int(math.log2(vae_scale_factor))
-    if 2**steps != vae_scale_factor or steps < 1:
-        raise NasError(f"VAE scale factor {vae_scale_factor}: a ControlNet needs a power of 2 (>= 2)")
-    channels = SD_CONDITIONING_CHANNELS + (SD_CONDITIONING_CHANNELS[-1],) * max(0, steps - 3)
-    return channels[: steps + 1]
-
-
-def controlnet_for(unet, vae_scale_factor: int = 8):
-    """A new ControlNet of `unet` (weights copied, output convolutions zero), stock or flex."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    channels = conditioning_channels(vae_scale_factor)
-    if isinstance(unet, FlexUNet2DConditionModel):
-        return FlexControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
-    if isinstance(unet, UNet2DConditionModel):
-        if unet.config.mid_block_type is None:  # type: ignore[attr-defined]
-            raise NasError("diffusers' ControlNetModel needs a mid block, and this stock U-Net has none "
-                           "(mid_block_type: null); build the architecture in the flex class for a ControlNet")  # fmt: skip
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
-    raise NasError(f"no ControlNet for a {type(unet).__name__} (allowed: UNet2DConditionModel, {FlexUNet2DConditionModel.__name__})")  # fmt: skip
 
 
 def check_controlnet_fits(controlnet, unet, where: str) -> None:
@@ -126,3 +101,98 @@ def controlnet_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
+
+
+# --- --controlnet of nas sample / nas eval ------------------------------------------------------------
+
+CONTROLNET_INFO = (
+    "controlnet.json"  # written by nas/train/controlnet.py in the run folder (RUN/controlnet/..)
+)
+MAX_CONTROLNET_SCALE = 10.0  # |--controlnet-scale|: 1 is the trained strength (diffusers' default)
+
+
+@dataclass(frozen=True)
+class ControlChoice:
+    """A ControlNet to sample with: its folder, the strength, the condition kind it was trained on."""
+
+    folder: Path
+    scale: float = 1.0
+    condition: str | None = None  # "mask" / "edges" (RUN/controlnet.json); None: not recorded
+    image: Path | None = None  # --control-image of nas sample (nas eval draws one per prompt)
+
+    def pipeline(self, components: RunComponents, settings, count: int):
+        """(the ControlNet pipeline, ([control image] * count, scale)) for `count` images of `nas sample`."""
+        if self.image is None:
+            raise NasError("--controlnet needs --control-image FILE (an image of the output size)")
+        image = read_control_image(self.image, components.resolution)
+        pipe = controlnet_pipeline(components, attach_controlnet(components, self), settings.scheduler,
+                                   settings.spacing)  # fmt: skip
+        return pipe, ([image] * count, self.scale)
+
+
+def controlnet_folder(path: str | Path) -> Path:
+    """The ControlNet folder of `--controlnet PATH`: PATH itself, or PATH/controlnet of a `controlnet:` run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NasError(
+            f"--controlnet {path}: not found (a ControlNet folder or a `controlnet:` run of nas train)"
+        )
+    if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+        path = path / "controlnet"
+    if not (path / "config.json").is_file():
+        raise NasError(f"--controlnet {path}: not a ControlNet folder (no config.json; a `controlnet:` run of "
+                       "nas train, or a folder written by save_pretrained)")  # fmt: skip
+    class_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    if class_name not in CONTROLNET_CLASSES:
+        raise NasError(f"--controlnet {path}: not a ControlNet folder (config.json's _class_name is {class_name!r}; "
+                       f"allowed: {', '.join(CONTROLNET_CLASSES)})")  # fmt: skip
+    return path
+
+
+def controlnet_choice(
+    path: str | Path | None, scale: float = 1.0, image: str | Path | None = None
+) -> ControlChoice | None:
+    """`--controlnet PATH --controlnet-scale S [--control-image FILE]` checked (None without --controlnet)."""
+    if path is None:
+        return None
+    if not -MAX_CONTROLNET_SCALE <= scale <= MAX_CONTROLNET_SCALE:
+        raise NasError(f"--controlnet-scale {scale}: allowed -{MAX_CONTROLNET_SCALE:g}..{MAX_CONTROLNET_SCALE:g} "
+                       "(1 = as trained, 0 = none)")  # fmt: skip
+    folder = controlnet_folder(path)
+    info_file = folder.parent / CONTROLNET_INFO
+    condition = None
+    if info_file.is_file() and (folder.parent / info_file.stem).resolve() == folder.resolve():
+        condition = json.loads(info_file.read_text()).get("condition")
+    return ControlChoice(folder, scale, condition, None if image is None else Path(image))
+
+
+def attach_controlnet(components: RunComponents, choice: ControlChoice):
+    """Load the ControlNet, check it fits the run's U-Net, and name it on `components` (sidecars and
+    eval.json read `components.controlnet`); returns the model."""
+    from nas.core.runfolder import portable
+    from nas.data.encoders import weights_sha256
+
+    if type(components.unet).__name__ == "RuntimeUNet":
+        raise NasError("--controlnet runs the U-Net eagerly: use --runtime eager --precision fp32")
+    controlnet = load_controlnet(choice.folder)
+    check_controlnet_fits(controlnet, components.unet, f"--controlnet {choice.folder}")
+    record = {"folder": portable(choice.folder), "sha256": weights_sha256(choice.folder),
+              "scale": choice.scale, "condition": choice.condition, "class": type(controlnet).__name__}  # fmt: skip
+    setattr(components, "controlnet", record)  # noqa: B010  (RunComponents has no field for it)
+    return controlnet.to(components.empty_text.device)
+
+
+def read_control_image(path: str | Path, resolution: int):
+    """`--control-image FILE` as an RGB PIL image of the output size (one-line NasError otherwise)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise NasError(
+            f"--control-image {path}: cannot read the image ({str(exc).splitlines()[0]})"
+        ) from None
+    check_control_image(rgb, resolution, f"--control-image {path}")
+    return rgb

@@ -149,9 +149,11 @@ def generate(
     progress: bool = True,
     desc: str = "sample",
     clock: StageClock | None = None,
+    control: tuple[list, float] | None = None,
 ) -> np.ndarray:
     """Images of `jobs` ((prompt, seed) pairs) as float32 [N, H, W, 3] in [0, 1], in job order.
-    `clock`: accumulate the text encoder / U-Net / VAE decode split of this call's time into it."""
+    `clock`: accumulate the text encoder / U-Net / VAE decode split of this call's time into it.
+    `control`: (one control image per job, scale) for a ControlNet pipeline (nas/sample/controlnet.py)."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
@@ -168,7 +170,10 @@ def generate(
             with clock.part("text_encoder", device) if clock is not None else nullcontext():
                 prompt_embeds, _ = te.encode([prompt for prompt, _ in batch])
             negative = components.empty_text[None].expand(len(batch), -1, -1).to(prompt_embeds)
+            steer = {} if control is None else {"image": control[0][start : start + settings.batch_size],
+                                                "controlnet_conditioning_scale": control[1]}  # fmt: skip
             out = pipe(
+                **steer,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative,
                 num_inference_steps=settings.steps,
@@ -242,6 +247,7 @@ def sidecar(components: RunComponents, prompt: str, seed: int, settings: SampleS
         "model_sha256": components.model_sha256,
         "run": portable(components.run),
         "lora": components.lora,  # file, sha256 and scale of a LoRA in the U-Net (None: none)
+        "controlnet": getattr(components, "controlnet", None),  # folder, sha256, scale (None: none)
     }
 
 
@@ -290,11 +296,13 @@ def sample_run(
     device: str = "cpu",
     progress: bool = True,
     lora=None,
+    controlnet=None,
 ) -> list[Path]:
     """`nas sample`: load the run, draw `n` images per prompt, write PNGs, sidecars and a grid.
 
     Without prompts, the first 4 captions the trainer held out of the cache are used. `lora`: a
-    `nas.sample.components.LoraChoice` put into the U-Net (named in every sidecar).
+    `nas.sample.components.LoraChoice` put into the U-Net (named in every sidecar). `controlnet`: a
+    `nas.sample.controlnet.ControlChoice` with its control image, steering every image (named too).
     """
     from nas.sample.components import held_out_captions, load_run
 
@@ -307,5 +315,8 @@ def sample_run(
     pipe = build_pipeline(
         components, settings.scheduler, settings.spacing, settings.runtime, settings.precision
     )
-    images = generate(components, pipe, jobs, settings, progress=progress)
+    control = None
+    if controlnet is not None:  # the same U-Net, steered (checked: fits the U-Net, image of the output size)
+        pipe, control = controlnet.pipeline(components, settings, len(jobs))
+    images = generate(components, pipe, jobs, settings, progress=progress, control=control)
     return write_samples(components, jobs, images, settings, out, columns=n)

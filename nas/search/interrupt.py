@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from nas.core.signals import SignalBlock, exit_code
 
 
 class Interrupted(KeyboardInterrupt):
@@ -40,35 +39,23 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return exit_code(self.signum)
 
 
-class Interrupts:
-    """Install the handlers for the duration of a `with` block (main thread only: Python delivers
-    signals there; elsewhere nothing is installed and Python's defaults apply). `ignore_after`:
+class Interrupts(SignalBlock):
+    """The handlers for the duration of a `with` block (nas.core.signals.SignalBlock). `ignore_after`:
     once interrupted, leave both signals ignored instead of restoring the previous handlers (an
     extra local worker about to exit, which gets a Ctrl-C from the terminal and the same signal
     from its parent, one possibly after it handled the other)."""
 
     def __init__(self, ignore_after: bool = False) -> None:
+        super().__init__()
         self.ignore_after = ignore_after
-        self.signum: int | None = None  # the first signal received
         self._raised = False
         self._open = 0  # depth of allow() blocks
-        self._previous: dict[int, Any] = {}  # signal -> the handler to restore
 
-    def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():  # None: one not set from Python, the default
-            if self.ignore_after and self.signum is not None:
-                handler = signal.SIG_IGN
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
+    def _restore(self, handler: Any) -> Any:
+        return signal.SIG_IGN if self.ignore_after and self.signum is not None else handler
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:

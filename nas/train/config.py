@@ -45,6 +45,7 @@ RESUMABLE_KEYS = (
     "keep_checkpoints",
     "gradient_checkpointing",
     "report_to",
+    "sample_every",
 )
 
 
@@ -80,6 +81,25 @@ class LoraTrainConfig(Strict):
         return data
 
 
+class ControlNetTrainConfig(Strict):
+    """`controlnet:` a ControlNet (Zhang et al. 2023) for a trained run (nas/train/controlnet.py): the
+    run's U-Net frozen, a ControlNet made from it (copied encoder, zero output convolutions) trained on
+    (condition image, caption, latent) with the U-Net's diffusion loss, as diffusers'
+    examples/controlnet/train_controlnet.py; saved as a diffusers ControlNet folder RUN/controlnet."""
+
+    init_from: str  # the `nas train` run folder whose U-Net is steered; relative to this file
+    # the condition image, re-drawn for each cached shapes item (nas/data/shapes.py CONDITIONS): mask
+    # (the objects' silhouettes: position and size at a glance, even at 32 px) or edges (outlines, 1 px)
+    condition: Literal["mask", "edges"] = "mask"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute(cls, data: Any) -> Any:  # a --set path is relative to the working directory
+        if isinstance(data, dict) and isinstance(data.get("init_from"), str):
+            data = {**data, "init_from": str(Path(data["init_from"]).resolve())}
+        return data
+
+
 class TrainConfig(Strict):
     """One training run (or, with `proxy_train`, one short proxy run of the search)."""
 
@@ -94,6 +114,7 @@ class TrainConfig(Strict):
     # (nas/train/consistency.py, LCM); null: none
     distill: DistillConfig | None = None
     lora: LoraTrainConfig | None = None  # LoRA fine-tuning of a trained run; null: train the whole U-Net
+    controlnet: ControlNetTrainConfig | None = None  # a ControlNet for a trained run; null: none
 
     # Upper bounds: nas/core/limits.py (each with the figures of real runs it leaves room for); NaN and
     # infinity are refused in every float field (nas.core.config.Strict).
@@ -132,6 +153,15 @@ class TrainConfig(Strict):
     # experiment tracking through accelerate's trackers (nas/train/tracking.py): metrics.csv's columns
     # go to TensorBoard (RUN/tracking/) or Weights & Biases (offline without an account) as well
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    # optimizer steps between sample grids sent to that tracker (4 held-out captions, seed 0, 8 DDIM
+    # steps: nas/sample/training_grid.py), and one at the end; 0 = never. Off by default: a grid loads
+    # the cache's VAE and text encoder and costs 8 x 4 U-Net calls with guidance, which on SD-size
+    # U-Nets is more than a validation; search proxy runs never sample (proxy_train sets 0)
+    sample_every: int = Field(0, ge=0, le=L.MAX_STEPS)
+    # keep only the cache items whose record has these values (nas/train/data.py `select_items`): a
+    # dotted key reaches into lists of mappings, e.g. {"objects.shape": "triangle"} keeps the shapes
+    # images with a triangle; held-out items are then the last val_items of the kept ones. null: all
+    cache_filter: dict[str, str] | None = Field(None, max_length=16)
 
     # last N cache items, held out: never trained on
     val_items: int = Field(64, ge=1, le=L.MAX_VAL_ITEMS)
@@ -155,6 +185,23 @@ class TrainConfig(Strict):
         if self.lora is not None and self.ema is not None:
             raise ValueError("lora: needs ema: null (the adapter is trained without an EMA, as diffusers' "
                              "train_text_to_image_lora.py); add ema: null or --set ema=null")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _samples_need_a_tracker(self) -> TrainConfig:
+        if self.sample_every and self.report_to == "none":
+            raise ValueError(f"sample_every {self.sample_every}: sample grids go to the tracker; set report_to "
+                             "to tensorboard or wandb, or sample_every to 0")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _controlnet_alone(self) -> TrainConfig:
+        if self.controlnet is not None and (self.lora is not None or self.distill is not None):
+            raise ValueError("controlnet: with lora: or distill:: a ControlNet run trains a ControlNet beside one "
+                             "frozen trained U-Net; set lora: null and distill: null")  # fmt: skip
+        if self.controlnet is not None and self.ema is not None:
+            raise ValueError("controlnet: needs ema: null (trained without an EMA, as diffusers' "
+                             "train_controlnet.py); add ema: null or --set ema=null")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -229,6 +276,10 @@ def _absolute_paths(data: dict, folder: Path) -> dict:
     init_from = lora.get("init_from") if isinstance(lora, dict) else None
     if isinstance(lora, dict) and isinstance(init_from, str) and not Path(init_from).is_absolute():
         lora["init_from"] = str((folder / init_from).resolve())
+    control = data.get("controlnet")
+    base = control.get("init_from") if isinstance(control, dict) else None
+    if isinstance(control, dict) and isinstance(base, str) and not Path(base).is_absolute():
+        control["init_from"] = str((folder / base).resolve())
     return data
 
 

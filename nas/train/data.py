@@ -188,3 +188,61 @@ class ValidationSet:
                 "noise": self.noise[chunk],
                 "timesteps": self.timesteps[chunk],
             }
+
+
+def record_values(record: dict, key: str) -> list[str]:
+    """The values at dotted `key` in a cache record, as text; a list of mappings on the way is
+    searched item by item (`objects.shape` of a shapes record: each object's shape)."""
+    nodes: list = [record]
+    for part in key.split("."):
+        found = []
+        for node in nodes:
+            for item in node if isinstance(node, list) else [node]:
+                if isinstance(item, dict) and part in item:
+                    found.append(item[part])
+        nodes = found
+    return [str(v) for node in nodes for v in (node if isinstance(node, list) else [node])]
+
+
+class CacheSubset:
+    """The items of a cache at `indices` (in cache order), with the cache's interface
+    (`len`, `manifest`, `dataset`, `empty_text`, `captions`, `records`, `path`)."""
+
+    def __init__(self, cache, indices: list[int]):
+        self.cache, self.indices = cache, indices
+        self.manifest, self.path = cache.manifest, getattr(cache, "path", "cache")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def dataset(self, sample: bool = True, generator: torch.Generator | None = None):
+        return torch.utils.data.Subset(self.cache.dataset(sample=sample, generator=generator), self.indices)
+
+    def empty_text(self):
+        return self.cache.empty_text()
+
+    def records(self) -> list[dict]:
+        records = self.cache.records()
+        return [records[i] for i in self.indices]
+
+    def captions(self) -> list[str]:
+        captions = self.cache.captions()
+        return [captions[i] for i in self.indices]
+
+
+def select_items(cache, where: dict[str, str] | None, source: str = "cache_filter"):
+    """`cache` itself without a filter, else a CacheSubset of the items whose record has every
+    `key: value` of `where` (train config `cache_filter`); NasError naming the key when none match."""
+    if not where:
+        return cache
+    records = cache.records()
+    keep = [i for i, r in enumerate(records) if all(str(v) in record_values(r, k) for k, v in where.items())]
+    if not keep:
+        for key, value in where.items():
+            seen = sorted({v for r in records for v in record_values(r, key)})
+            if str(value) not in seen:
+                allowed = ", ".join(seen[:20]) or "none: no record has this field"
+                raise NasError(f"{source}: {key}: no item of {getattr(cache, 'path', 'the cache')} has {value!r} "
+                               f"(values found: {allowed})")  # fmt: skip
+        raise NasError(f"{source}: no item of {getattr(cache, 'path', 'the cache')} matches all of {where}")
+    return CacheSubset(cache, keep)

@@ -16,15 +16,13 @@ disk stay whole (they are written atomically), only the one being written is los
 from __future__ import annotations
 
 import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from nas.core.signals import SignalBlock, exit_code
+
 FRESH_S = 60.0  # a checkpoint younger than this (seconds) is not rewritten on an interrupt
 REPEAT_S = 2.0  # seconds in which a repeated signal counts as the same interrupt
 
@@ -39,28 +37,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return exit_code(self.signum)
 
 
-class StopSignals:
-    """SIGINT / SIGTERM handlers for the `with` block (main thread only: Python delivers signals
-    there; elsewhere nothing is installed). `signum`: the first signal received, or None."""
+class StopSignals(SignalBlock):
+    """SIGINT / SIGTERM turned into a flag for the `with` block (nas.core.signals.SignalBlock).
+    `signum`: the first signal received, or None."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        super().__init__()
         self._first = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():  # None: one not set from Python, the default
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:

@@ -33,11 +33,12 @@ import torch
 from nas.core.config import validate
 from nas.core.errors import NasError
 from nas.core.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment
-from nas.diffusion import diffusion_loss, noise_scheduler
+from nas.diffusion import noise_scheduler
 from nas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig
 from nas.train.consistency import CONSISTENCY_METRICS, Consistency, check_pair
-from nas.train.data import Batches, ValidationSet, batch_loader, check_compatible
+from nas.train.controlnet import controlnet_arch, task_loss, training_data, with_controlnet
+from nas.train.data import batch_loader, check_compatible, select_items
 from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
 from nas.train.interrupt import StopSignals, checkpoint_is_fresh, interrupted
 from nas.train.launch import from_main, make_accelerator
@@ -89,11 +90,13 @@ def train(
     arch=None,
     teacher: torch.nn.Module | None = None,
     tracking: tuple[Path, str] | None = None,
+    grid: Callable[[torch.nn.Module], Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `cache` (see nas/train/data.py for the interface); `out`: run folder or None.
 
     `tracking`: (folder, run name) for `config.report_to` (default with `out`: OUT/tracking, the
-    folder's name; without either, nothing is tracked).
+    folder's name; without either, nothing is tracked). `grid`: U-Net -> uint8 image, sent to the
+    tracker every `config.sample_every` steps (nas/sample/training_grid.py; nas/train/tracking.py).
 
     `teacher`: the teacher U-Net when `config.distill` is set (train_arch / proxy_train load it and
     initialise the student from it; here it is only run, frozen, next to `model`).
@@ -122,8 +125,7 @@ def train(
     scheduler = noise_scheduler(config.diffusion)
     gamma = config.diffusion.min_snr_gamma
     steps_t = scheduler.config.num_train_timesteps
-    batches = Batches(cache, config, steps_t, accelerator.process_index, accelerator.num_processes)
-    val_set = ValidationSet.build(cache, config, steps_t)
+    batches, val_set = training_data(cache, config, steps_t, accelerator)  # controlnet: with conditions
     run = Path(out) if out is not None else None
     ckpt = _prepare_run(run, config, resume, accelerator) if run is not None else None
 
@@ -196,7 +198,7 @@ def train(
     tracker = None
     if tracking is not None:
         tracker = open_tracking(
-            config.report_to, tracking[0], tracking[1], config.model_dump(mode="json"), main
+            config.report_to, tracking[0], tracking[1], config.model_dump(mode="json"), main, grid
         )
     ema_start = config.ema_start_step()
     samples_per_step = config.global_batch(accelerator.num_processes)
@@ -235,10 +237,8 @@ def train(
                             loss = consistency.loss(model, b, step, micro)
                         elif isinstance(distiller, Distiller):  # weighted task + output KD + feature KD
                             loss = distiller.loss(model, scheduler, b, gamma)
-                        else:
-                            loss = diffusion_loss(
-                                model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
-                            ).mean()
+                        else:  # the diffusion loss (with controlnet:, of the U-Net steered by b["cond"])
+                            loss = task_loss(model, scheduler, b, gamma).mean()
                     accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach() / config.grad_accum
             # One all-reduce for the loss and the stop flag: every process stops after the same step.
@@ -304,23 +304,15 @@ def train(
                     val=f"{val_loss:.4f}" if val_loss is not None else "-",
                 )
                 interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
+            if tracker is not None:  # a sample grid every sample_every steps and at the end
+                tracker.sample(net, done, config.sample_every, done == config.max_steps)
             bar.update(1)
             due = done % config.checkpoint_every == 0 or done == config.max_steps or stopped
             if run is not None and stop_signal and not due:  # interrupted: unless one is fresh
                 due = not from_main(accelerator, checkpoint_is_fresh(latest_checkpoint(run)))
             if run is not None and due:
-                save_checkpoint(
-                    accelerator,
-                    run,
-                    done,
-                    net,
-                    optimizer,
-                    lr_scheduler,
-                    ema,
-                    config,
-                    config.keep_checkpoints,
-                    beside,
-                )
+                save_checkpoint(accelerator, run, done, net, optimizer, lr_scheduler, ema, config,
+                                config.keep_checkpoints, beside)  # fmt: skip
                 if main:
                     plot_losses(run / "metrics.csv", run / "loss.png")
             if stop_signal and run is not None and done < config.max_steps:
@@ -389,17 +381,20 @@ def train_arch(
     resume: bool = False,
     quiet: bool = False,
     teacher=None,
+    sampler=None,
 ) -> TrainResult:
     """`nas train`: load the architecture and cache, build the U-Net, train into a run folder.
 
     With `distill:` the teacher is `teacher` ((module, Arch)) or loaded from distill.teacher.
+    `sampler(cache, config)`: the sample grid for `sample_every` (nas.sample.TrainingGrid; the
+    training floor cannot import the sampler, the command passes it).
     """
     from accelerate.utils import set_seed
 
     from nas.space import build_unet, load_arch
 
     check_report_to(config.report_to)  # a missing tracker package: before anything is opened
-    arch_path = arch_path or config.arch or lora_arch(config.lora)  # LoRA: the base run's arch.yaml
+    arch_path = arch_path or config.arch or lora_arch(config.lora) or controlnet_arch(config.controlnet)
     cache_path = cache_path or config.cache
     if arch_path is None:
         raise NasError("no architecture: pass --arch ARCH.yaml or set arch: in the config")
@@ -414,7 +409,7 @@ def train_arch(
         raise NasError(f"{run}: no checkpoint to resume from in {run / 'checkpoints'}; run without --resume")
     from nas.data.cache import open_cache
 
-    cache = open_cache(cache_path)
+    cache = select_items(open_cache(cache_path), config.cache_filter)  # all items without cache_filter
     check_arch_cache(arch, cache.manifest, str(arch_path), str(cache_path))
     # Recorded absolute, so `nas sample RUN` finds the cache from any working directory.
     paths: dict[str, Any] = {"arch": str(Path(arch_path).resolve()), "cache": str(Path(cache_path).resolve())}
@@ -430,12 +425,16 @@ def train_arch(
     model = build_unet(arch)
     if config.lora is not None:  # the base run's weights, frozen, and a trainable adapter
         add_lora(model, config.lora, quiet=quiet)
+    model = with_controlnet(model, config, cache, quiet)  # controlnet: the base frozen beside a ControlNet
     module = None
     if config.distill is not None:
         module = prepare_teacher(
             config.distill, model, arch, cache, resume=resume, quiet=quiet, given=teacher
         )
-    return train(model, cache, config, out=run, resume=resume, quiet=quiet, arch=arch, teacher=module)
+    grid = sampler(cache, config) if sampler is not None and config.sample_every else None
+    return train(
+        model, cache, config, out=run, resume=resume, quiet=quiet, arch=arch, teacher=module, grid=grid
+    )
 
 
 def proxy_train(
@@ -477,7 +476,7 @@ def proxy_train(
     if steps < 1:
         raise NasError(f"proxy_train: steps must be >= 1 (got {steps})")
     base: dict[str, Any] = config.model_dump() if config is not None else {"warmup_steps": steps // 10}
-    base.update(max_steps=steps, ema=None, val_every=every or max(1, steps // 4))
+    base.update(max_steps=steps, ema=None, val_every=every or max(1, steps // 4), sample_every=0)  # no grids
     if seed is not None:
         base["seed"] = seed
     config = validate(TrainConfig, base, "proxy_train")

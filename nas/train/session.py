@@ -12,11 +12,11 @@ import torch
 from nas.core.config import read_yaml
 from nas.core.errors import NasError
 from nas.core.runfolder import RunFolder, staged_folder
-from nas.diffusion import diffusion_loss
 from nas.models import ship_code
 from nas.train.checkpoint import latest_checkpoint, list_checkpoints, resume_point
 from nas.train.config import TrainConfig, check_resumable
 from nas.train.consistency import check_pair, check_teacher_recipe
+from nas.train.controlnet import task_loss
 from nas.train.data import ValidationSet, check_compatible
 from nas.train.launch import from_main, say
 
@@ -40,10 +40,8 @@ def evaluate(
         with accelerator.autocast():
             if consistency is not None:
                 losses = consistency.validation_losses(model, b)
-            else:
-                losses = diffusion_loss(
-                    model, scheduler, b["latents"], b["text"], b["noise"], b["timesteps"], gamma
-                )
+            else:  # with "cond" in the batch: the U-Net steered by the ControlNet (nas/train/controlnet.py)
+                losses = task_loss(model, scheduler, b, gamma)
         total += losses.sum()
         count += len(losses)
     model.train(was_training)
@@ -84,6 +82,8 @@ def latest_hint(run: Path | None) -> str:
 def save_final(run: Path, net, ema) -> None:
     """RUN/final/unet (and unet_ema): save_pretrained folders, staged beside and then renamed; a
     FlexUNet's folders also hold its code (flex_unet.py), for AutoModel without `nas`."""
+    if hasattr(net, "save_final"):  # controlnet: the ControlNet alone (nas/train/controlnet.py)
+        return net.save_final(run, ema)
     if not hasattr(net, "save_pretrained"):
         return
     with staged_folder(RunFolder(run).final) as staging:

@@ -8,7 +8,10 @@ of a search log one run per trial, named by the trial, under results/<study>/tra
 
 Weights & Biases runs offline unless the machine is logged in (WANDB_API_KEY set or WANDB_MODE
 given): nothing is uploaded without an account; `wandb sync RUN/tracking/wandb/offline-run-*`
-uploads later. The classes are accelerate's (`accelerate.tracking.TensorBoardTracker`,
+uploads later. With `sample_every: N` a grid of a few held-out captions (nas/sample/training_grid.py,
+the sampler's own pipeline; passed in by `nas train`, the training floor does not import the sampler)
+goes to the tracker as the image `samples` every N steps and at the end; proxy runs never sample.
+The classes are accelerate's (`accelerate.tracking.TensorBoardTracker`,
 `WandBTracker`), driven directly so that a proxy run can open and close one per trial.
 """
 
@@ -63,8 +66,9 @@ def _hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracking:
     """One run of the configured tracker; `log` drops empty values. Open it on the main process only."""
 
-    def __init__(self, report_to: str, folder: Path, run_name: str, config: dict[str, Any]):
+    def __init__(self, report_to: str, folder: Path, run_name: str, config: dict[str, Any], grid: Any = None):
         check_report_to(report_to)
+        self.report_to, self.grid = report_to, grid  # grid: U-Net -> uint8 [H, W, 3] (or None)
         folder.mkdir(parents=True, exist_ok=True)
         if report_to == "tensorboard":
             from accelerate.tracking import TensorBoardTracker
@@ -85,14 +89,25 @@ class Tracking:
         if kept:
             self.tracker.log(kept, step=step)
 
+    def sample(self, net, step: int, every: int, last: bool = False) -> None:
+        """The grid of `net` as the image `samples` at `step`, when `every` divides it (or `last`)."""
+        if self.grid is None or not every or (step % every and not last):
+            return
+        image = self.grid(net)
+        if self.report_to == "tensorboard":  # SummaryWriter.add_images of a [1, H, W, 3] batch
+            self.tracker.log_images({"samples": image[None]}, step=step, dataformats="NHWC")
+        else:  # WandBTracker: a list of wandb.Image
+            self.tracker.log_images({"samples": [image]}, step=step)
+
     def close(self) -> None:
         self.tracker.finish()
 
 
 def open_tracking(
-    report_to: str, folder: Path | None, run_name: str, config: dict[str, Any], main: bool
+    report_to: str, folder: Path | None, run_name: str, config: dict[str, Any], main: bool, grid: Any = None
 ) -> Tracking | None:
-    """A Tracking on the main process when `report_to` asks for one and a folder is known."""
+    """A Tracking on the main process when `report_to` asks for one and a folder is known; `grid`:
+    the sample grid of `Tracking.sample`."""
     if report_to == "none" or folder is None or not main:
         return None
-    return Tracking(report_to, folder, run_name, config)
+    return Tracking(report_to, folder, run_name, config, grid)

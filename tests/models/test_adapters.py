@@ -15,10 +15,6 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image
 PROMPT = "a large red circle in the centre on a white background"
 
 
-def _run(sample_world, kind):
-    return sample_world.run_stock if kind == "stock" else sample_world.run_flex
-
-
 def _inputs(unet):
     config, g = unet.config, torch.Generator().manual_seed(3)
     size = config.sample_size
@@ -59,7 +55,7 @@ def saved_lora(sample_world, tmp_path_factory):
 
     folders = {}
     for kind in CLASSES:
-        unet = load_run(_run(sample_world, kind)).unet
+        unet = load_run(sample_world.run(kind)).unet
         _trained_adapter(unet)
         folder = tmp_path_factory.mktemp(f"lora_{kind}")
         StableDiffusionPipeline.save_lora_weights(
@@ -73,7 +69,7 @@ def saved_lora(sample_world, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", CLASSES)
 def test_add_adapter_changes_output_only_once_b_is_trained(sample_world, kind):
-    unet = load_run(_run(sample_world, kind)).unet
+    unet = load_run(sample_world.run(kind)).unet
     assert type(unet).__name__ == CLASSES[kind]
     inputs = _inputs(unet)
     base = _out(unet, inputs)
@@ -101,7 +97,7 @@ def test_saved_lora_loads_scales_fuses_and_unloads_in_a_fresh_pipeline(sample_wo
     keys = load_file(folder / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)
 
-    components = load_run(_run(sample_world, kind))
+    components = load_run(sample_world.run(kind))
     pipe = build_pipeline(components)
     unet = pipe.unet
     inputs = _inputs(unet)
@@ -182,7 +178,7 @@ def test_controlnet_from_unet_runs_in_the_controlnet_pipeline_and_round_trips(sa
         save_controlnet,
     )
 
-    components = load_run(_run(sample_world, kind))
+    components = load_run(sample_world.run(kind))
     unet, factor = components.unet, components.resolution // components.unet.config.sample_size
     controlnet = controlnet_for(unet, factor)
     assert isinstance(controlnet, ControlNetModel)  # what StableDiffusionControlNetPipeline accepts

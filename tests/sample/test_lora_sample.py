@@ -12,14 +12,10 @@ from PIL import Image
 
 from nas.cli import main
 from nas.sample import export_pipeline, load_run, to_uint8
+from tests.fixtures.sample import KINDS
 
 PROMPT = "a large red circle in the centre on a white background"
 STEPS, GUIDANCE, SEEDS = 4, 7.5, (0, 1)
-KINDS = ("stock", "flex")
-
-
-def _run(sample_world, kind):
-    return sample_world.run_stock if kind == "stock" else sample_world.run_flex
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +27,7 @@ def loras(sample_world, tmp_path_factory):
 
     folders = {}
     for kind in KINDS:
-        unet = load_run(_run(sample_world, kind)).unet
+        unet = load_run(sample_world.run(kind)).unet
         torch.manual_seed(0)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         with torch.no_grad():
@@ -55,7 +51,7 @@ def _nas_sample(run, out, *extra):
 def test_nas_sample_lora_equals_diffusers_load_lora_weights(sample_world, loras, tmp_path, kind):
     from diffusers import StableDiffusionPipeline
 
-    run = _run(sample_world, kind)
+    run = sample_world.run(kind)
     ours = _nas_sample(run, tmp_path / "ours", "--lora", str(loras[kind]))
     export_pipeline(run, tmp_path / "pipe")
     pipe = StableDiffusionPipeline.from_pretrained(

@@ -4,6 +4,7 @@ the same tests for the stock class and FlexUNet2DConditionModel."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from nas.core.errors import NasError
 from nas.train import load_config
 from nas.train.loop import train_arch
 from nas.train.lora import LORA_INFO, LORA_WEIGHTS
+from tests.fixtures.sample import KINDS, resumed_addon_runs
 
-KINDS = ("stock", "flex")
 COMMON = ["val_items=8", "val_timesteps=1", "batch_size=4", "lr=1e-2", "lr_schedule=constant", "ema=null",
           "checkpoint_every=2", "log_every=1"]  # fmt: skip
 
@@ -23,24 +24,11 @@ def _config(base_run, steps, extra=()):
     return load_config("tiny", [*COMMON, f"lora.init_from={base_run}", *extra], max_steps=steps)
 
 
-def _base(sample_world, kind):
-    return sample_world.run_stock if kind == "stock" else sample_world.run_flex
-
-
 @pytest.fixture(scope="module")
 def lora_runs(sample_world, tmp_path_factory):
     """kind -> (4 uninterrupted steps, 2 steps then resumed to 4) run folders."""
-    runs = {}
-    for kind in KINDS:
-        root = tmp_path_factory.mktemp(f"lora_{kind}")
-        base = _base(sample_world, kind)
-        train_arch(_config(base, 4), cache_path=sample_world.cache, out=root / "full", quiet=True)
-        train_arch(_config(base, 2), cache_path=sample_world.cache, out=root / "resumed", quiet=True)
-        train_arch(
-            _config(base, 4), cache_path=sample_world.cache, out=root / "resumed", resume=True, quiet=True
-        )
-        runs[kind] = (root / "full", root / "resumed")
-    return runs
+    return {kind: resumed_addon_runs(sample_world, tmp_path_factory.mktemp(f"lora_{kind}"),
+                                      partial(_config, sample_world.run(kind))) for kind in KINDS}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -59,7 +47,7 @@ def test_lora_run_trains_only_the_adapter_and_loads_in_a_diffusers_pipeline(samp
     assert info["trainable_params"] == lora_params
     assert 0 < info["trainable_share"] == pytest.approx(lora_params / info["total_params"])
 
-    components = load_run(_base(sample_world, kind))
+    components = load_run(sample_world.run(kind))
     before = {n: p.clone() for n, p in components.unet.named_parameters()}
     pipe = build_pipeline(components)
     pipe.load_lora_weights(run)
