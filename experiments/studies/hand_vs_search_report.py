@@ -106,8 +106,8 @@ def collect(args) -> dict:
 def verdicts(data: dict, steps: int) -> list[dict]:
     """At each hand design's latency, each search seed's pick against it, by alignment over training
     seeds. Picks come from picks.json (table latency at or under the hand design's); the DeciDiffusion-
-    like design lies outside the space (no table latency, no picks there), so its comparison takes the
-    trained searched points at or under its interleaved latency, the best proxy loss first."""
+    like design lies outside the space (no table latency, no picks there), so it meets the trained
+    searched point with the best proxy loss at or under its interleaved latency."""
     table = data["finalists"]
     out = []
     for hand, h in ((n, e) for n, e in table.items() if e["kind"] == "hand"):
@@ -119,7 +119,8 @@ def verdicts(data: dict, steps: int) -> list[dict]:
         if not picks and h["latency_ms"] is not None:
             under = [n for n, e in table.items() if e["kind"] == "searched" and e["latency_ms"] is not None
                      and e["latency_ms"] <= h["latency_ms"]]  # fmt: skip
-            picks = [("interleaved latency", n) for n in under]
+            if under:  # what the searches would have picked: the best proxy loss under its latency
+                picks = [("best proxy under its latency", min(under, key=lambda n: table[n]["proxy_loss"]))]
         for study, name in sorted(picks):
             s = table[name]
             if steps not in s["quality"]:
@@ -148,6 +149,26 @@ def compute(args, data: dict) -> dict:
     return {"search_proxy_s": search, "final_train_s": train, "final_eval_s": evals, "final_runs": len(runs)}
 
 
+def gap_lines(args) -> list[str]:
+    """The text gap (`gap` mode) at the proxy's length and after final training, per design."""
+    files = {"60 steps (proxy length, seed 0)": args.out / "text_gap_proxy_runs.json",
+             f"{args.steps} steps (mean of the training seeds)": args.out / "text_gap.json"}  # fmt: skip
+    found = {k: json.loads(f.read_text()) for k, f in files.items() if f.exists()}
+    if not found:
+        return []
+    names = list(finalists(args.out))
+    lines = ["", "Text gap: validation loss with the empty caption minus with each item's caption (0: the "
+             "U-Net ignores the text):", "", "| design | " + " | ".join(found) + " |",
+             "|---|" + "---:|" * len(found)]  # fmt: skip
+    for name in names:
+        cells = []
+        for gaps in found.values():
+            vals = [v["gap"] for k, v in gaps.items() if k.rsplit("-s", 1)[0] == name]
+            cells.append(f"{statistics.mean(vals):.5f}" if vals else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -173,7 +194,10 @@ def plot(data: dict, steps: int, path: Path) -> None:
             ax.errorbar([e["latency_ms"]], [q["mean"]], yerr=[[q["mean"] - q["min"]], [q["max"] - q["mean"]]],
                         fmt="s" if hand else "o", color="black" if hand else "C0", capsize=3,
                         markersize=7 if hand else 5)  # fmt: skip
-            ax.annotate(name.replace("quickstart_", ""), (e["latency_ms"], q["mean"]), fontsize=7,
+            label = name.replace("quickstart_", "")
+            if e["cross_attention_layers"] <= 1:  # the text-blind and nearly text-blind picks
+                label += f" ({e['cross_attention_layers']} transformer layer{'s' if e['cross_attention_layers'] != 1 else ''})"
+            ax.annotate(label, (e["latency_ms"], q["mean"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
         t = data["teacher"]
         if steps in t["quality"] and t["latency_ms"] is not None:
@@ -234,13 +258,15 @@ def report(args) -> None:
         lines += ["", f"The search's proxy (60 inherit + distill steps, validation loss) against the final alignment "
                   f"at {steps} steps over the {agreement['n']} finalists with both: Spearman rho "
                   f"{agreement['spearman_rho']:.3f}."]  # fmt: skip
+    lines += gap_lines(args)
     c = data["compute"]
     lines += ["", f"Compute (seconds of one core): the three searches' proxy training {c['search_proxy_s']:.0f} s; "
               f"the final training of {c['final_runs']} runs {c['final_train_s']:.0f} s "
               f"(+ {c['final_eval_s']:.0f} s of evaluation); search / final training = "
               f"{c['search_proxy_s'] / max(c['final_train_s'], 1e-9):.2f}.", "", "![answer](answer.png)", ""]  # fmt: skip
     plot(data, steps, args.out / "answer.png")
-    (args.out / "final.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    text = json.dumps(data, indent=2, default=str).replace(f"{ROOT}/", "")  # paths relative to the checkout
+    (args.out / "final.json").write_text(text + "\n")
     (args.out / "final.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {(args.out / 'final.md').relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
