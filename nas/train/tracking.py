@@ -28,6 +28,7 @@ from nas.core.install import pip_install
 # report_to value -> the package it needs (TensorBoard's writer: torch.utils.tensorboard, which
 # needs `tensorboard`, a dependency of nas; tensorboardX also serves accelerate's tracker)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+WANDB_PROJECT = "nas"  # the W&B project every run and trial is logged under (runs named by folder)
 REPORT_TO = ("none", *PACKAGES)
 
 
@@ -79,7 +80,8 @@ class Tracking:
 
             if "WANDB_API_KEY" not in os.environ and "WANDB_MODE" not in os.environ:
                 os.environ["WANDB_MODE"] = "offline"  # no account: files only, nothing uploaded
-            self.tracker = WandBTracker(run_name, dir=str(folder), name=run_name, project="nas")
+            # accelerate's WandBTracker passes its first argument to wandb.init as the project
+            self.tracker = WandBTracker(WANDB_PROJECT, dir=str(folder), name=run_name)
         self.tracker.start()
         self.tracker.store_init_configuration(_hparams(config))
         self.folder = folder / run_name if report_to == "tensorboard" else folder

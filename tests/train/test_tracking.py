@@ -78,3 +78,18 @@ def test_wandb_without_the_package_is_one_line(
                  "--out", str(tmp_path / "r")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install wandb torch==" in err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional)")
+def test_wandb_runs_offline_without_an_account(fake_cache, tiny_unet, quick_config, tmp_path, monkeypatch):
+    """No WANDB_API_KEY and no WANDB_MODE: an offline run under RUN/tracking/wandb, nothing uploaded
+    (accelerate's WandBTracker gives its first argument to wandb.init as the project: passing
+    `project=` again was a TypeError)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = quick_config(max_steps=2, log_every=1, val_every=2, report_to="wandb", ema=None)
+    run = tmp_path / "run"
+    train(tiny_unet(), fake_cache, config, out=run, quiet=True)
+    (offline,) = (run / "tracking" / "wandb").glob("offline-run-*")
+    (history,) = offline.glob("run-*.wandb")
+    assert b"val_loss" in history.read_bytes() and b"samples_per_s" in history.read_bytes()
