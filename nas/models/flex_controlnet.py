@@ -30,7 +30,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .flex_unet import FlexBlock, FlexUNet2DConditionModel
+from .flex_unet import FlexUNet2DConditionModel, block_args, encoder
 
 # The U-Net config keys a ControlNet mirrors (the encoder half and the mid block).
 MIRRORED = (
@@ -87,7 +87,6 @@ class FlexControlNetModel(ControlNetModel):
         global_pool_conditions: bool = False,  # read by StableDiffusionControlNetPipeline
     ):
         ModelMixin.__init__(self)  # not ControlNetModel.__init__: that builds the stock blocks
-        levels = len(block_out_channels)
         c0 = block_out_channels[0]
         temb_channels = c0 * 4
         self.conv_in = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)
@@ -101,43 +100,17 @@ class FlexControlNetModel(ControlNetModel):
             block_out_channels=conditioning_embedding_out_channels,
             conditioning_channels=conditioning_channels,
         )
-        common: dict[str, Any] = dict(
-            temb_channels=temb_channels,
-            cross_attention_dim=cross_attention_dim,
-            groups=norm_num_groups,
-            eps=norm_eps,
-            use_linear_projection=use_linear_projection,
-            single_layer=single_layer_transformers,
+        common = block_args(temb_channels, cross_attention_dim, norm_num_groups, norm_eps,
+                            use_linear_projection, single_layer_transformers)  # fmt: skip
+        self.down_blocks, skip_channels, self.mid_block = encoder(  # type: ignore[assignment]
+            block_out_channels, down_attention, down_resnets, attention_heads, mid_attention,
+            mid_block_half_resolution, common,
+        )  # fmt: skip
+        # one zero convolution per skip tensor of the U-Net (in its skip order), one after the mid block
+        self.controlnet_down_blocks = nn.ModuleList(
+            [zero_module(nn.Conv2d(c, c, kernel_size=1)) for c in skip_channels]
         )
-        self.down_blocks = nn.ModuleList()
-        self.controlnet_down_blocks = nn.ModuleList([zero_module(nn.Conv2d(c0, c0, kernel_size=1))])
-        prev = c0
-        for i, out in enumerate(block_out_channels):
-            last = i == levels - 1
-            self.down_blocks.append(
-                FlexBlock(
-                    prev,
-                    out,
-                    list(down_attention[i]),
-                    heads=attention_heads[i],
-                    resample="down" if not last or mid_block_half_resolution else None,
-                    resampled_skip=not last,
-                    **common,
-                )
-            )
-            for _ in range(down_resnets[i] + (0 if last else 1)):  # one per skip, as the U-Net keeps them
-                self.controlnet_down_blocks.append(zero_module(nn.Conv2d(out, out, kernel_size=1)))
-            prev = out
-        self.mid_block = None  # type: ignore[assignment]
-        if mid_attention is not None:
-            self.mid_block = FlexBlock(  # type: ignore[assignment]
-                prev,
-                prev,
-                list(mid_attention),
-                heads=attention_heads[-1],
-                resample="up" if mid_block_half_resolution else None,
-                **common,
-            )
+        prev = block_out_channels[-1]
         self.controlnet_mid_block = zero_module(nn.Conv2d(prev, prev, kernel_size=1))
         self.gradient_checkpointing = False
 

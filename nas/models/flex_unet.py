@@ -154,6 +154,51 @@ class FlexBlock(nn.Module):
         return hidden_states, outputs
 
 
+def block_args(temb_channels: int, cross_attention_dim: int, groups: int, eps: float,
+               use_linear_projection: bool, single_layer: bool) -> dict[str, Any]:  # fmt: skip
+    """The FlexBlock arguments every block of one U-Net shares."""
+    return dict(temb_channels=temb_channels, cross_attention_dim=cross_attention_dim, groups=groups, eps=eps,
+                use_linear_projection=use_linear_projection, single_layer=single_layer)  # fmt: skip
+
+
+def encoder(
+    block_out_channels, down_attention, down_resnets, attention_heads, mid_attention,
+    mid_block_half_resolution: bool, common: dict[str, Any],
+) -> tuple[nn.ModuleList, list[int], FlexBlock | None]:  # fmt: skip
+    """The down path and mid block, built alike by the U-Net and its ControlNet (flex_controlnet.py):
+    (down blocks, the channels of every skip tensor, conv_in's first; the mid block or None)."""
+    levels = len(block_out_channels)
+    skip_channels = [block_out_channels[0]]  # conv_in output is the first skip
+    down_blocks = nn.ModuleList()
+    prev = block_out_channels[0]
+    for i, out in enumerate(block_out_channels):
+        last = i == levels - 1
+        down_blocks.append(
+            FlexBlock(
+                prev,
+                out,
+                list(down_attention[i]),
+                heads=attention_heads[i],
+                resample="down" if not last or mid_block_half_resolution else None,
+                resampled_skip=not last,  # the last one's goes to the mid block only
+                **common,
+            )
+        )
+        skip_channels += [out] * (down_resnets[i] + (0 if last else 1))
+        prev = out
+    mid_block = None
+    if mid_attention is not None:
+        mid_block = FlexBlock(
+            prev,
+            prev,
+            list(mid_attention),
+            heads=attention_heads[-1],
+            resample="up" if mid_block_half_resolution else None,
+            **common,
+        )
+    return down_blocks, skip_channels, mid_block
+
+
 # diffusers' ModelMixin and ConfigMixin annotate `config_name` differently; every diffusers model has both.
 class FlexUNet2DConditionModel(  # type: ignore[misc]
     ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLoadersMixin, PeftAdapterMixin
@@ -236,44 +281,13 @@ class FlexUNet2DConditionModel(  # type: ignore[misc]
         self.time_embedding = TimestepEmbedding(
             c0, temb_channels, act_fn="silu", cond_proj_dim=time_cond_proj_dim
         )
-        common: dict[str, Any] = dict(
-            temb_channels=temb_channels,
-            cross_attention_dim=cross_attention_dim,
-            groups=norm_num_groups,
-            eps=norm_eps,
-            use_linear_projection=use_linear_projection,
-            single_layer=single_layer_transformers,
-        )
-
-        skip_channels = [c0]  # conv_in output is the first skip
-        self.down_blocks = nn.ModuleList()
-        prev = c0
-        for i, out in enumerate(block_out_channels):
-            last = i == levels - 1
-            self.down_blocks.append(
-                FlexBlock(
-                    prev,
-                    out,
-                    list(down_attention[i]),
-                    heads=attention_heads[i],
-                    resample="down" if not last or mid_block_half_resolution else None,
-                    resampled_skip=not last,  # the last one's goes to the mid block only
-                    **common,
-                )
-            )
-            skip_channels += [out] * (down_resnets[i] + (0 if last else 1))
-            prev = out
-
-        self.mid_block = None
-        if mid_attention is not None:
-            self.mid_block = FlexBlock(
-                prev,
-                prev,
-                list(mid_attention),
-                heads=attention_heads[-1],
-                resample="up" if mid_block_half_resolution else None,
-                **common,
-            )
+        common = block_args(temb_channels, cross_attention_dim, norm_num_groups, norm_eps,
+                            use_linear_projection, single_layer_transformers)  # fmt: skip
+        self.down_blocks, skip_channels, self.mid_block = encoder(
+            block_out_channels, down_attention, down_resnets, attention_heads, mid_attention,
+            mid_block_half_resolution, common,
+        )  # fmt: skip
+        prev = block_out_channels[-1]  # the up path starts at the innermost width
 
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nas.core.errors import NasError
-from nas.core.runfolder import CHECKPOINTS, CONFIG, FINAL
+from nas.core.runfolder import ARCH, CHECKPOINTS, CONFIG, FINAL
 
 STOCK = "UNet2DConditionModel"  # diffusers' class, wherever it can express the architecture
 FLEX = "FlexUNet2DConditionModel"  # nas/models/flex_unet.py: per-layer attention depths, etc.
@@ -98,3 +98,23 @@ def load_unet(folder: Path):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NasError(f"{folder}: cannot load the U-Net ({first})") from None
     return unet.eval().requires_grad_(False)
+
+
+def load_base_unet(run: str | Path, like, key: str):
+    """(weights kind, folder, U-Net) of the trained run an add-on builds on (`lora.init_from`,
+    `controlnet.init_from`: `key`); one-line NasError when its U-Net is not of `like`'s class."""
+    run = Path(run)
+    kind, folder = weights_folder(run, "auto")
+    unet = load_unet(folder)
+    if type(unet) is not type(like):
+        raise NasError(f"{key} {run}: its U-Net is a {type(unet).__name__}, the architecture builds a "
+                       f"{type(like).__name__}; leave --arch out (the run's {ARCH} is used)")  # fmt: skip
+    return kind, folder, unet
+
+
+def base_arch(run: str | Path, key: str) -> Path:
+    """The architecture file (RUN/arch.yaml) of the trained run an add-on builds on (`key`)."""
+    arch = Path(run) / ARCH
+    if not arch.is_file():
+        raise NasError(f"{key} {run}: no {ARCH} (expected the run folder of `nas train`)")
+    return arch

@@ -17,7 +17,7 @@ import torch
 from nas.core.errors import NasError
 from nas.models import FlexControlNetModel, ship_code
 from nas.models.controlnet import conditioning_channels, controlnet_for  # noqa: F401  (re-exported)
-from nas.sample.components import RunComponents, make_scheduler
+from nas.sample.components import RunComponents
 
 CONTROLNET_CLASSES = ("ControlNetModel", "FlexControlNetModel")
 # modules a ControlNet copies from its U-Net: they must have the same shapes in both
@@ -85,19 +85,11 @@ def controlnet_pipeline(
     from diffusers import StableDiffusionControlNetPipeline
 
     check_controlnet_fits(controlnet, components.unet, "controlnet")
-    from nas.sample.generate import pipeline_text_encoder
+    from nas.sample.generate import pipeline_parts
 
-    te = pipeline_text_encoder(components)
     pipe = StableDiffusionControlNetPipeline(
-        vae=components.vae,
-        text_encoder=te.model,
-        tokenizer=te.tokenizer,
-        unet=components.unet,
+        **pipeline_parts(components, scheduler, spacing),
         controlnet=controlnet.to(components.empty_text.device),
-        scheduler=make_scheduler(scheduler, components.recipe, spacing),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe

@@ -113,22 +113,27 @@ def build_pipeline(
     from diffusers import StableDiffusionPipeline
 
     use_runtime(components, runtime, precision)
-
-    te = pipeline_text_encoder(components)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=te.model,
-        tokenizer=te.tokenizer,
-        unet=components.unet,
-        scheduler=make_scheduler(scheduler, components.recipe, spacing),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = StableDiffusionPipeline(**pipeline_parts(components, scheduler, spacing))
     # One bar across images instead (see generate). type: ignore: mypy reads diffusers' lazily imported
     # StableDiffusionPipeline as its dummy placeholder class, which lacks the method.
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
+
+
+def pipeline_parts(components: RunComponents, scheduler: str = "ddim", spacing: str = "trailing") -> dict:
+    """The keyword arguments of a diffusers SD pipeline for the run (U-Net, VAE, text encoder and
+    tokenizer, scheduler; no safety checker), shared by build_pipeline and the ControlNet pipeline."""
+    te = pipeline_text_encoder(components)
+    return {
+        "vae": components.vae,
+        "text_encoder": te.model,
+        "tokenizer": te.tokenizer,
+        "unet": components.unet,
+        "scheduler": make_scheduler(scheduler, components.recipe, spacing),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
 
 
 def jobs_for(prompts: list[str], n: int, seed: int) -> list[tuple[str, int]]:

@@ -23,27 +23,15 @@ from pathlib import Path
 
 import torch
 
-from nas.core.errors import NasError
-from nas.core.runfolder import ARCH, staged_folder, write_json
+from nas.core.runfolder import staged_folder, write_json
 from nas.diffusion import diffusion_loss
 from nas.models import ship_code
-from nas.models.load import load_unet, weights_folder
-from nas.train.config import ControlNetTrainConfig, TrainConfig
+from nas.models.load import load_base_unet
+from nas.train.config import TrainConfig
 from nas.train.data import Batches, ValidationSet, split
 
 CONTROLNET_DIR = "controlnet"  # RUN/controlnet: the diffusers ControlNet folder
 CONTROLNET_INFO = "controlnet.json"
-
-
-def controlnet_arch(controlnet: ControlNetTrainConfig | None) -> Path | None:
-    """The architecture file of the run a ControlNet is made for (None without `controlnet:`)."""
-    if controlnet is None:
-        return None
-    arch = Path(controlnet.init_from) / ARCH
-    if not arch.is_file():
-        raise NasError(f"controlnet.init_from {controlnet.init_from}: no {ARCH} (expected the run folder of "
-                       "`nas train`)")  # fmt: skip
-    return arch
 
 
 class ControlledUNet(torch.nn.Module):
@@ -96,11 +84,7 @@ def with_controlnet(model, config: TrainConfig, cache, quiet: bool = False):
     if control is None:
         return model
     run = Path(control.init_from)
-    kind, folder = weights_folder(run, "auto")
-    unet = load_unet(folder)
-    if type(unet) is not type(model):
-        raise NasError(f"controlnet.init_from {run}: its U-Net is a {type(unet).__name__}, the architecture builds a "
-                       f"{type(model).__name__}; leave --arch out (the run's {ARCH} is used)")  # fmt: skip
+    kind, _, unet = load_base_unet(run, model, "controlnet.init_from")
     conditions = CacheConditions(cache, control.condition)  # a cache without a condition source: here
     factor = conditions.size // int(unet.config.sample_size)
     controlnet = controlnet_for(unet, factor)

@@ -34,15 +34,16 @@ from nas.core.config import validate
 from nas.core.errors import NasError
 from nas.core.runfolder import ARCH, CONFIG, SUMMARY, RunFolder, environment
 from nas.diffusion import noise_scheduler
+from nas.models.load import base_arch
 from nas.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nas.train.config import TrainConfig
 from nas.train.consistency import CONSISTENCY_METRICS, Consistency, check_pair
-from nas.train.controlnet import controlnet_arch, task_loss, training_data, with_controlnet
+from nas.train.controlnet import task_loss, training_data, with_controlnet
 from nas.train.data import batch_loader, check_compatible, select_items
 from nas.train.distill import Distiller, mixed_precision_dtype, prepare_teacher
 from nas.train.interrupt import StopSignals, checkpoint_is_fresh, interrupted
 from nas.train.launch import from_main, make_accelerator
-from nas.train.lora import add_lora, lora_arch, save_lora
+from nas.train.lora import add_lora, save_lora
 from nas.train.metrics import DISTILL_METRICS, METRICS, MetricsLog, plot_losses
 from nas.train.session import check_arch_cache, check_consistency, evaluate, inherit_figures
 from nas.train.session import latest_hint as _latest
@@ -394,7 +395,9 @@ def train_arch(
     from nas.space import build_unet, load_arch
 
     check_report_to(config.report_to)  # a missing tracker package: before anything is opened
-    arch_path = arch_path or config.arch or lora_arch(config.lora) or controlnet_arch(config.controlnet)
+    addon = config.lora or config.controlnet  # an add-on: the architecture of the run it builds on
+    if addon is not None and not (arch_path or config.arch):
+        arch_path = base_arch(addon.init_from, "lora.init_from" if config.lora else "controlnet.init_from")
     cache_path = cache_path or config.cache
     if arch_path is None:
         raise NasError("no architecture: pass --arch ARCH.yaml or set arch: in the config")

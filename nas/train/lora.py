@@ -18,23 +18,13 @@ import tempfile
 from pathlib import Path
 
 from nas.core.errors import NasError
-from nas.core.runfolder import ARCH, write_json
-from nas.models.load import load_unet, weights_folder
+from nas.core.runfolder import write_json
+from nas.models.load import load_base_unet, weights_folder
 from nas.train.config import LoraTrainConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_INFO = "lora.json"
 ADAPTER = "default"  # peft's default adapter name; load_lora_weights names its own
-
-
-def lora_arch(lora: LoraTrainConfig | None) -> Path | None:
-    """The architecture file of the run a LoRA starts from (None without `lora:`)."""
-    if lora is None:
-        return None
-    arch = Path(lora.init_from) / ARCH
-    if not arch.is_file():
-        raise NasError(f"lora.init_from {lora.init_from}: no {ARCH} (expected the run folder of `nas train`)")
-    return arch
 
 
 def trainable_share(model) -> tuple[int, int]:
@@ -64,11 +54,7 @@ def add_lora(model, lora: LoraTrainConfig, quiet: bool = False) -> tuple[int, in
     from peft import LoraConfig
 
     run = Path(lora.init_from)
-    kind, folder = weights_folder(run, "auto")
-    base = load_unet(folder)
-    if type(base) is not type(model):
-        raise NasError(f"lora.init_from {run}: its U-Net is a {type(base).__name__}, the architecture builds a "
-                       f"{type(model).__name__}; leave --arch out (the run's {ARCH} is used)")  # fmt: skip
+    kind, folder, base = load_base_unet(run, model, "lora.init_from")
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     if missing or unexpected:
         first = (missing or unexpected)[0]

@@ -15,11 +15,10 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nas.train import TrainConfig, train
 from nas.train.checkpoint import CheckpointNotWritten, check_checkpoint, list_checkpoints
-from tests.fixtures.train import TINY_UNET, FakeCache
+from tests.fixtures.train import TINY_UNET, FakeCache, final_weights
 
 CONFIG = dict(name="faults", max_steps=8, batch_size=8, lr=1e-3, warmup_steps=2, val_items=16,
               val_timesteps=1, val_every=4, log_every=1, checkpoint_every=2, keep_checkpoints=3)  # fmt: skip
@@ -32,14 +31,6 @@ def _unet(seed: int):
     return UNet2DConditionModel(**TINY_UNET)
 
 
-def _final(run) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in ("unet", "unet_ema"):
-        path = run / "final" / name / "diffusion_pytorch_model.safetensors"
-        out.update({f"{name}/{k}": v for k, v in load_file(path).items()})
-    return out
-
-
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -49,7 +40,7 @@ def reference(tmp_path_factory):
     """An uninterrupted 8-step run: its folder (checkpoints at 4, 6, 8 kept) and final weights."""
     run = tmp_path_factory.mktemp("reference") / "run"
     train(_unet(0), FakeCache(), TrainConfig(**CONFIG), out=run, quiet=True)
-    return run, _final(run)
+    return run, final_weights(run)
 
 
 def test_keep_checkpoints_is_honoured(reference):
@@ -80,7 +71,7 @@ def test_resume_falls_back_over_a_truncated_and_a_damaged_checkpoint(reference, 
     assert "step_000006.corrupt (optimizer.pt does not match its sha256" in lines[0]
     assert (run / "checkpoints" / "step_000008.corrupt").is_dir()  # moved aside, not deleted
     assert [step for step, _ in list_checkpoints(run)] == [4, 6, 8]
-    assert _equal(_final(run), reference[1])
+    assert _equal(final_weights(run), reference[1])
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(reference, tmp_path, monkeypatch):
@@ -108,7 +99,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(reference
 
     monkeypatch.undo()  # space freed
     train(_unet(1), FakeCache(), TrainConfig(**CONFIG), out=run, resume=True, quiet=True)
-    assert _equal(_final(run), reference[1])
+    assert _equal(final_weights(run), reference[1])
 
 
 def _steps(run) -> list[int]:
@@ -167,4 +158,4 @@ def test_sigint_and_sigterm_checkpoint_the_step_and_resume_to_the_uninterrupted_
     for out, every in ((by_int, 1000), (by_term, 4)):
         command = [*base, "--out", str(out), "--resume", *sets, f"checkpoint_every={every}"]
         subprocess.run(command, env=env, cwd=repo_root, check=True, capture_output=True)
-        assert _equal(_final(out), _final(full)), out.name
+        assert _equal(final_weights(out), final_weights(full)), out.name

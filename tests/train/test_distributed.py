@@ -25,9 +25,9 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nas.train.checkpoint import latest_checkpoint
+from tests.fixtures.train import final_weights
 
 STEPS = 24  # optimizer steps of each run: long enough to be killed mid-run after a checkpoint
 # Largest |difference| allowed between the 2 x 4 and the 1 x 8 runs' weights. The gradients agree
@@ -57,14 +57,6 @@ SINGLE = [sys.executable]
 def _env(tmp_path) -> dict:
     # HF_HOME: no accelerate config of this machine's user applies; one thread per process.
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-
-
-def _weights(run) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in ("unet", "unet_ema"):
-        path = run / "final" / name / "diffusion_pytorch_model.safetensors"
-        out.update({f"{name}/{k}": v for k, v in load_file(path).items()})
-    return out
 
 
 def _steps(run) -> list[int]:
@@ -109,7 +101,7 @@ def test_two_processes_train_what_one_trains_and_resume_after_every_rank_is_kill
     assert json.loads((two / "env.json").read_text())["processes"] == 2
     assert _steps(two) == list(range(STEPS + 1)), "each step logged once"
     assert "Traceback" not in double.stderr
-    difference = _max_difference(_weights(one), _weights(two))
+    difference = _max_difference(final_weights(one), final_weights(two))
     print(f"max |2x4 - 1x8| weight difference: {difference:.3g}; seconds: {timings}")
     assert difference < WEIGHT_ATOL
 
@@ -128,7 +120,7 @@ def test_two_processes_train_what_one_trains_and_resume_after_every_rank_is_kill
     assert saved is not None and 4 <= int(saved.name.split("_")[1]) < STEPS
     assert json.loads((saved / "state.json").read_text())["processes"] == 2
     run(TORCHRUN, killed, 4, "--resume")
-    a, b = _weights(two), _weights(killed)
+    a, b = final_weights(two), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed 2-process run differs"
     assert _steps(killed) == list(range(STEPS + 1))
     print(f"seconds: {timings}")
